@@ -1,0 +1,3 @@
+"""harness: make PyTorch DDP training survive interruption."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Run N worker processes on this machine, like torchrun, and rehearse a scheduler's restarts.
+
+Why not torch.distributed.elastic's agent: on SIGTERM it exits 1 (hiding our "preempted" code) and
+SIGKILLs workers after 30 s, and it does not forward SIGUSR1/SIGUSR2 by default. This launcher
+forwards every stop signal, waits for the ranks' agreed save, and returns their exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import yaml
+
+from harness.config import PREEMPTED_EXIT_CODE, LocalLauncherConfig
+from harness.env import free_port
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+POLL_S = 0.05
+KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
+
+
+def default_nproc() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def say(text: str) -> None:
+    print(f"[harness.launch] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class WorkerGroup:
+    """The processes of one attempt, and the signals the launcher itself received."""
+
+    procs: list[subprocess.Popen]
+    signals_received: list[int] = field(default_factory=list)
+
+    def forward(self, signum: int, frame) -> None:
+        self.signals_received.append(signum)
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int) -> dict[str, str]:
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR=master_addr,
+                MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT=str(attempt),
+                PYTHONUNBUFFERED="1")
+
+
+def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int) -> tuple[int, bool]:
+    """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.worker", config_path],
+                              env=worker_env(rank, nproc, master_addr, port, attempt),
+                              start_new_session=True)  # only forwarded signals reach the ranks
+             for rank in range(nproc)]
+    group = WorkerGroup(procs)
+    previous = {signum: signal.signal(signum, group.forward) for signum in FORWARDED}
+    try:
+        return _wait(group), bool(group.signals_received)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        group.kill_all()
+
+
+def _wait(group: WorkerGroup) -> int:
+    failed_at: Optional[float] = None
+    while True:
+        codes = [proc.poll() for proc in group.procs]
+        failures = [(rank, code) for rank, code in enumerate(codes)
+                    if code is not None and code not in (0, PREEMPTED_EXIT_CODE)]
+        if failures and failed_at is None:
+            failed_at = time.monotonic()
+            for rank, code in failures:
+                say(f"rank {rank} (pid {group.procs[rank].pid}) failed with {describe_exit(code)}; "
+                    "stopping the other ranks")
+        if all(code is not None for code in codes):
+            break
+        if failed_at is not None and time.monotonic() - failed_at > KILL_AFTER_FAILURE_S:
+            group.kill_all()
+        time.sleep(POLL_S)
+    if failures:
+        return failures[0][1] if failures[0][1] > 0 else 128 - failures[0][1]
+    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
+    """Run the job, restarting it after a preemption up to ``launcher.max_restarts`` times."""
+    nproc = launcher.nproc_per_node or default_nproc()
+    with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
+        config_path = os.path.join(folder, "config.yaml")
+        with open(config_path, "w") as handle:
+            yaml.safe_dump(config_data, handle, sort_keys=False)
+        attempt = 0
+        while True:
+            say(f"starting {nproc} worker processes (attempt {attempt + 1})")
+            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt)
+            if code != PREEMPTED_EXIT_CODE:
+                return code
+            if signalled or attempt >= launcher.max_restarts:
+                say(f"job preempted: checkpoint saved; exit code {code} asks to restart it "
+                    "(relaunch the same command to resume)")
+                return code
+            attempt += 1
+            say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")

@@ -1,0 +1,68 @@
+"""One rank of a job: read the resolved config, train, exit with a meaningful code.
+
+Exit codes: 0 finished, 75 preempted (checkpoint saved, restart me), 1 error, 130 second Ctrl-C.
+Started by the local launcher as ``python -m harness.worker CONFIG.yaml``; the SLURM and direct
+launchers call ``run_worker`` in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import yaml
+
+from harness.config import ConfigError, validate
+from harness.env import read_env
+from harness.preempt import Preempted
+from harness.session import Session
+from harness.task import run_task
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def run_worker(config_data: dict) -> int:
+    """Train one rank from plain config data; returns the process exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = validate(config_data)
+    env = read_env()
+    try:
+        with Session(cfg, env=env, config_data=config_data) as session:
+            run_task(session, cfg.task)
+    except Preempted as stop:
+        return stop.code
+    except KeyboardInterrupt:
+        print(f"[rank {env.rank}] interrupted twice: stopped without saving", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m harness.worker CONFIG.yaml (written by python -m harness.launch)",
+              file=sys.stderr)
+        return 2
+    with open(argv[0]) as handle:
+        config_data = yaml.safe_load(handle)
+    try:
+        return run_worker(config_data)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception:
+        rank = os.environ.get("RANK", "?")
+        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a late signal there (handlers are reset) or torch's process-group
+    # destructor can turn a finished rank's exit code into a crash.
+    os._exit(code)
