@@ -161,7 +161,7 @@ def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: 
 
 
 def versions() -> dict:
-    return {"harness_version": __version__, "torch_version": torch.__version__}
+    return {"harness_version": __version__, "torch_version": str(torch.__version__)}
 
 
 def check_payload(payload: Any, source: str) -> dict:
@@ -189,8 +189,10 @@ def torch_load(source: str | io.BytesIO, map_location: Any = "cpu", unsafe: bool
     except pickle.UnpicklingError as error:
         if unsafe:
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsafeCheckpoint(f"refusing to load {name}: {first_line}\n{UNSAFE_HINT}") from None
+        lines = [line.strip() for line in str(error).splitlines() if "Unpickler error" in line]
+        detail = lines[0] if lines else type(error).__name__
+        raise UnsafeCheckpoint(f"refusing to load {name} with weights_only=True ({detail})\n"
+                               f"{UNSAFE_HINT}") from None
 
 
 class UnsafeCheckpoint(RuntimeError):

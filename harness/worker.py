@@ -34,6 +34,7 @@ def run_worker(config_data: dict) -> int:
         with Session(cfg, env=env, config_data=config_data) as session:
             run_task(session, cfg.task)
     except Preempted as stop:
+        print(f"[rank {env.rank}] stopped at step {stop.step} ({stop.reason})", file=sys.stderr, flush=True)
         return stop.code
     except KeyboardInterrupt:
         print(f"[rank {env.rank}] interrupted twice: stopped without saving", file=sys.stderr, flush=True)

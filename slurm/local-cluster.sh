@@ -73,7 +73,27 @@ pid_alive() {
     [[ -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$name" ]]
 }
 
-# stop_pid PIDFILE NAME: SIGTERM, then SIGKILL after 10 s; by pid only, never by name.
+# proc_alive PID NAME: PID is a live (not zombie) process called NAME.
+proc_alive() {
+    local pid=$1 name=$2 comm stat
+    { read -r comm <"/proc/$pid/comm" && read -r stat <"/proc/$pid/stat"; } 2>/dev/null || return 1
+    [[ $comm == "$name" ]] || return 1
+    # The field after "(comm)" is the state; Z means it has exited already.
+    [[ ${stat##*) } != Z* ]]
+}
+
+# pid_alive PIDFILE NAME: the pid in PIDFILE is alive and is really NAME
+# (the check on the name guards against a stale pid file whose pid was reused).
+pid_alive() {
+    local pidfile=$1 name=$2 pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] && proc_alive "$pid" "$name"
+}
+
+# stop_pid PIDFILE NAME: SIGTERM, wait for it to exit, SIGKILL after 15 s.
+# By pid only, never by name. The daemons delete their own pid file while
+# shutting down, so the wait is on the pid, not on the file.
 stop_pid() {
     local pidfile=$1 name=$2 pid i
     if ! pid_alive "$pidfile" "$name"; then
@@ -82,17 +102,21 @@ stop_pid() {
     fi
     pid=$(<"$pidfile")
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        pid_alive "$pidfile" "$name" || break
+    for ((i = 0; i < 150; i++)); do
+        proc_alive "$pid" "$name" || break
         sleep 0.1
     done
-    if pid_alive "$pidfile" "$name"; then
-        log "$name ($pid) ignored SIGTERM for 10 s; sending SIGKILL"
+    if proc_alive "$pid" "$name"; then
+        log "$name ($pid) still running 15 s after SIGTERM; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
     log "stopped $name ($pid)"
 }
+
+# Each running job step has a socket in slurmd's spool folder until its
+# slurmstepd has exited.
+steps_left() { find "$DIR/spool/slurmd" -maxdepth 1 -type s 2>/dev/null | wc -l; }
 
 # Slurm commands, always pointed at our config (even if /etc/slurm/slurm.conf
 # was changed behind our back) and with a short timeout so that polling a dead
@@ -304,7 +328,7 @@ cmd_start() {
         sl sinfo
         return 0
     fi
-    local t0=$SECONDS
+    local t0=$EPOCHREALTIME
     ensure_installed
     write_config
     start_daemons
@@ -313,7 +337,7 @@ cmd_start() {
         show_logs
         exit 1
     fi
-    log "up in $((SECONDS - t0))s: node $NODE, partitions debug (default) and urgent; state in $DIR"
+    log "up in $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}")s: node $NODE, partitions debug (default) and urgent; state in $DIR"
     sl sinfo
 }
 
@@ -342,6 +366,14 @@ cmd_stop() {
             sleep 0.2
         done
     fi
+    # The job is gone from squeue a moment before its slurmstepd has killed
+    # the job's processes and exited: wait for that too (slurmd must still
+    # be up for a clean step teardown).
+    for ((i = 0; i < 100; i++)); do
+        (($(steps_left) == 0)) && break
+        sleep 0.2
+    done
+    (($(steps_left) == 0)) || log "warning: $(steps_left) job step(s) still running after 20 s"
     stop_pid "$SLURMD_PID" slurmd
     stop_pid "$CTLD_PID" slurmctld
     stop_pid "$MUNGE_PID" munged

@@ -1,0 +1,160 @@
+"""Shared helpers: run the real launcher, find its worker processes, compare checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+# One configuration for every end-to-end comparison, so one uninterrupted reference serves all.
+# 2048 samples / 2 ranks / batch 32 = 32 steps per epoch: step 45 is mid-epoch, 64 an epoch boundary.
+STEPS = 160
+BASE_OVERRIDES = [
+    f"trainer.max_steps={STEPS}", "checkpoint.every_steps=40", "checkpoint.keep_last=0",
+    "launcher.nproc_per_node=2", "trainer.num_threads=1", "trainer.log_every=20",
+]
+
+
+def launch_cmd(ckpt_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "harness.launch", "name=test", f"checkpoint.dir={ckpt_dir}",
+            *BASE_OVERRIDES, *overrides]
+
+
+def run_launch(ckpt_dir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(ckpt_dir, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_launch(ckpt_dir: Path, *overrides: str, log_path: Optional[Path] = None) -> subprocess.Popen:
+    log = open(log_path or (ckpt_dir.parent / f"{ckpt_dir.name}.log"), "a")
+    return subprocess.Popen(launch_cmd(ckpt_dir, *overrides), cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def worker_pids(launcher: subprocess.Popen, nproc: int = 2, timeout: float = 60) -> dict[int, int]:
+    """{rank: pid} of the launcher's current worker processes (read from their RANK variable)."""
+    def found():
+        ranks = {}
+        for pid in children(launcher.pid):
+            try:
+                env = proc_env(pid)
+            except OSError:
+                continue
+            if "RANK" in env:
+                ranks[int(env["RANK"])] = pid
+        return ranks if len(ranks) == nproc else None
+    return wait_for(found, timeout, "worker processes")
+
+
+def metrics(ckpt_dir: Path) -> dict[int, dict]:
+    """Per-step metrics written by rank 0; a step logged again after a resume overrides the first."""
+    path = ckpt_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return rows
+
+
+def steps_with_saves(ckpt_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "manifest.json").exists())
+
+
+def newest_payload(ckpt_dir: Path) -> dict:
+    step = steps_with_saves(ckpt_dir)[-1]
+    return torch.load(ckpt_dir / f"step_{step:09d}" / "state.pt", weights_only=True)
+
+
+def assert_tensors_equal(a, b, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensors differ at {path}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
+        for key in a:
+            assert_tensors_equal(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {path}"
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_equal(x, y, f"{path}/{index}")
+    else:
+        assert a == b, f"values differ at {path}: {a!r} != {b!r}"
+
+
+def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
+    """Final model, optimizer and scheduler equal bit for bit; every per-step loss equal."""
+    run, ref = newest_payload(run_dir), newest_payload(reference_dir)
+    assert run["progress"]["step"] == ref["progress"]["step"] == STEPS
+    assert_tensors_equal(run["state"], ref["state"], "state")
+    run_losses = {step: row["loss"] for step, row in metrics(run_dir).items()}
+    ref_losses = {step: row["loss"] for step, row in metrics(reference_dir).items()}
+    assert run_losses == ref_losses
+
+
+def stop_lines(output: str) -> dict[int, int]:
+    """{rank: step} from each rank's 'stopped at step' line."""
+    return {int(rank): int(step) for rank, step in re.findall(r"\[rank (\d+)\] stopped at step (\d+)", output)}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the shared configuration."""
+    ckpt_dir = tmp_path_factory.mktemp("reference") / "ckpt"
+    result = run_launch(ckpt_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return ckpt_dir
+
+
+def kill_tree(launcher: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    for pid in children(launcher.pid):
+        for child in children(pid):
+            _kill(child, sig)
+        _kill(pid, sig)
+    _kill(launcher.pid, sig)
+    launcher.wait(timeout=30)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
