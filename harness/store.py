@@ -126,6 +126,16 @@ class LocalStorage:
         shutil.rmtree(self._path(rel), ignore_errors=False)
 
 
+def _root_os_error(error: BaseException) -> BaseException:
+    """The OSError (ENOSPC, EROFS, ...) behind an error, if there is one."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -219,7 +229,8 @@ class CheckpointStore:
             }
             encoded = json.dumps(manifest, indent=1, sort_keys=True).encode()
             self.storage.write(f"{name}/{MANIFEST_NAME}", lambda handle: handle.write(encoded))
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # torch.save turns a failed write into RuntimeError
+            error = _root_os_error(error)
             previous = self.latest_listed()
             kept = f"the previous checkpoint (step {previous.step}) is intact" if previous else \
                 "no earlier checkpoint exists"

@@ -22,13 +22,17 @@
 # `debug` jobs) on the single node.
 #
 # Other settings from the environment:
-#   HARNESS_SLURM_GRACE_TIME     seconds a preempted `debug` job gets between
-#                                SIGTERM and SIGKILL (default 30)
+#   HARNESS_SLURM_GRACE_TIME     seconds a preempted `debug` job keeps running
+#                                after the preemption signal (its --signal, e.g.
+#                                submitit's USR2, else SIGTERM) before SLURM kills
+#                                it (SIGCONT+SIGTERM, SIGKILL 5 s later) and
+#                                requeues it (default 30)
 #   HARNESS_SLURM_START_TIMEOUT  seconds `start` waits for an idle node (default 60)
 
 set -euo pipefail
 
 DIR="${HARNESS_SLURM_DIR:-/var/tmp/harness-slurm}"
+DIR="${DIR%/}"
 GRACE_TIME="${HARNESS_SLURM_GRACE_TIME:-30}"
 START_TIMEOUT="${HARNESS_SLURM_START_TIMEOUT:-60}"
 
@@ -40,7 +44,9 @@ MUNGE_SOCKET="$MUNGE_DIR/munge.socket"
 MUNGE_PID="$MUNGE_DIR/munged.pid"
 CTLD_PID="$DIR/run/slurmctld.pid"
 SLURMD_PID="$DIR/run/slurmd.pid"
-NODE="$(hostname -s)"
+# The short host name (uname: `hostname` is not on every minimal image).
+NODE="$(uname -n)"
+NODE="${NODE%%.*}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { echo "local-cluster: $*"; }
@@ -62,16 +68,6 @@ EOF
 }
 
 # --- processes ---------------------------------------------------------------
-
-# pid_alive PIDFILE NAME: the pid in PIDFILE is alive and is really NAME
-# (the check on the name guards against a stale pid file whose pid was reused).
-pid_alive() {
-    local pidfile=$1 name=$2 pid
-    [[ -s $pidfile ]] || return 1
-    pid=$(<"$pidfile")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$name" ]]
-}
 
 # proc_alive PID NAME: PID is a live (not zombie) process called NAME.
 proc_alive() {
@@ -126,7 +122,7 @@ sl() { SLURM_CONF="$CONF" timeout 10 "$@"; }
 ctld_up() { sl scontrol ping 2>/dev/null | grep -q 'UP'; }
 
 # The node's state in lower case, e.g. idle, mixed, allocated, down*, idle+drain.
-node_state() { sl sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1 | tr 'A-Z' 'a-z'; }
+node_state() { sl sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1 | tr '[:upper:]' '[:lower:]'; }
 
 node_usable() {
     case "$(node_state)" in
@@ -159,18 +155,28 @@ ensure_installed() {
     ((${#missing[@]} == 0)) && return 0
 
     log "installing ${PACKAGES[*]} (missing: ${missing[*]})"
+    local apt_log="$DIR/log/apt.log"
+    mkdir -p "$DIR/log"
     export DEBIAN_FRONTEND=noninteractive
     # A fresh machine may have no package lists at all; an old one may have
     # stale lists that point at versions no longer on the mirror: update then.
     if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        apt-get update -qq
+        apt_quiet "$apt_log" update
     fi
-    # --no-install-recommends keeps out the slurm-wlm metapackage's extras
-    # (mail, accounting database, docs) that we do not need.
-    if ! apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null; then
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+    # --no-install-recommends: just the daemons and clients, without the
+    # extras (docs, mail, MPI libraries) that recommends would bring.
+    if ! apt_quiet "$apt_log" install -y --no-install-recommends "${PACKAGES[@]}"; then
+        apt_quiet "$apt_log" update
+        apt_quiet "$apt_log" install -y --no-install-recommends "${PACKAGES[@]}" ||
+            { tail -n 30 "$apt_log" >&2; die "could not install ${PACKAGES[*]} (log: $apt_log)"; }
     fi
+}
+
+# apt_quiet LOG ARGS...: apt-get ARGS with its chatter appended to LOG.
+apt_quiet() {
+    local log_file=$1
+    shift
+    apt-get -q "$@" >>"$log_file" 2>&1
 }
 
 # --- config ------------------------------------------------------------------
@@ -262,9 +268,9 @@ EOF
 
 start_munged() {
     pid_alive "$MUNGE_PID" munged && return 0
-    # munged refuses a key, socket or log whose folder others can write to (and
-    # a socket folder that not all can search: clients need o+x), and
-    # runs as the unprivileged munge user that the package created.
+    # munged runs as the unprivileged munge user that the package created. It
+    # refuses a key, socket or log in a folder that others can write to, and a
+    # socket folder that others cannot enter (clients need o+x).
     install -d -m 0711 -o munge -g munge "$MUNGE_DIR"
     if [[ ! -s $MUNGE_DIR/munge.key ]]; then
         dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
@@ -357,7 +363,7 @@ cmd_stop() {
         local jobs
         jobs=$(sl squeue -h -o %A 2>/dev/null || true)
         if [[ -n $jobs ]]; then
-            log "cancelling jobs: $(echo $jobs)"
+            log "cancelling jobs: ${jobs//$'\n'/ }"
             # shellcheck disable=SC2086
             sl scancel $jobs >/dev/null 2>&1 || true
         fi
@@ -402,6 +408,9 @@ cmd_status() {
 }
 
 [[ $# -eq 1 ]] || usage
+# slurm.conf has no quoting: a path with blanks cannot be written into it.
+[[ $DIR == /* && $DIR != *[[:space:]]* ]] ||
+    die "HARNESS_SLURM_DIR must be an absolute path without blanks (got '$DIR')"
 if [[ $EUID -ne 0 ]]; then
     die "needs root (it installs packages and runs the SLURM daemons as root)"
 fi
