@@ -148,8 +148,7 @@ class SlurmLauncherConfig:
     account: Optional[str] = None  # account to charge
     qos: Optional[str] = None  # quality of service
     constraint: Optional[str] = None  # node features (--constraint)
-    signal: str = "USR2"  # warning signal SLURM sends before the time limit
-    signal_delay_s: int = 120  # lead time of that signal, in seconds
+    signal_delay_s: int = 120  # lead time of the warning signal (USR2, to every task) before the time limit
     max_timeout_requeues: int = 3  # requeues allowed after time-outs (preemptions are unlimited)
     folder: str = "${checkpoint.dir}/slurm"  # where submitit keeps logs and job pickles (stable)
     additional: Dict[str, Any] = field(default_factory=dict)  # extra sbatch options {name: value}

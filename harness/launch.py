@@ -38,9 +38,9 @@ def launch(cfg: DictConfig) -> int:
 
         return run_local(config_data, typed.launcher)
     if backend == "direct":
-        from harness.worker import run_worker
+        from harness.backends.direct import run_direct
 
-        return run_worker(config_data)
+        return run_direct(config_data)
     from harness.backends.slurm import submit
 
     return submit(config_data, typed)

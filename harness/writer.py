@@ -88,6 +88,11 @@ class CheckpointWriter:
         except BaseException as error:  # surfaced to the loop by flush(); never swallowed
             self._error = error
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a background write is still running (never blocks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def flush(self) -> None:
         """Wait for the write in flight; raise its error if it failed."""
         if self._thread is not None:

@@ -1,0 +1,21 @@
+"""Run one rank in this process: the ranks were started by torchrun or ``srun`` (see slurm/)."""
+
+from __future__ import annotations
+
+import time
+
+from harness.config import PREEMPTED_EXIT_CODE
+from harness.env import read_env
+from harness.worker import run_worker
+
+
+def run_direct(config_data: dict) -> int:
+    """Train this rank; under SLURM, rank 0 requeues the job after a preemption's save."""
+    started = time.monotonic()
+    env = read_env()
+    code = run_worker(config_data)
+    if code == PREEMPTED_EXIT_CODE and env.source == "slurm":
+        from harness.backends.slurm import requeue_after_preemption
+
+        requeue_after_preemption(env, None, time.monotonic() - started)
+    return code
