@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +135,10 @@ class SlurmEntry:
         from harness.worker import run_worker
 
         started = time.monotonic()
+        # submitit's handlers requeue from inside the handler, on rank 0 alone, and the harness would
+        # chain to them. The harness agrees across ranks, saves, then requeues: take them out.
+        for signum in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         env = read_env()
         launcher = validate(self.config_data).launcher
         say(f"rank {env.rank}/{env.world_size} on {os.uname().nodename}, job "
