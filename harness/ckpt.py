@@ -26,8 +26,14 @@ from harness.state import PAYLOAD_FORMAT, UnsafeCheckpoint, extract_model_state,
 from harness.store import MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, CheckpointStore, LocalStorage, STEP_DIR
 
 EXIT_OK = 0
-EXIT_PROBLEM = 1
+EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)
 EXIT_USAGE = 2
+
+SAFETENSORS_SUFFIX = ".safetensors"
+SHA256_SUFFIX = ".sha256"  # OUT.sha256 holds "<hex>  <name>", the format `sha256sum -c` reads
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_FORMATS = ("torch", "safetensors")
+SAFETENSORS_HINT = "HINT: pip install safetensors (or use --format torch)"
 
 
 class ToolError(Exception):
@@ -64,6 +70,13 @@ def locate(path: str) -> Located:
 
 
 def load_any(path: str, unsafe: bool) -> Any:
+    """The object stored in ``path`` (a ``.safetensors`` file gives its tensor dict).
+
+    Raises ToolError, in one line, for a file that is unreadable, truncated, not a torch file, or that
+    needs full unpickling without ``unsafe``.
+    """
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return _load_safetensors(path)
     try:
         return torch_load(path, map_location="cpu", unsafe=unsafe)
     except UnsafeCheckpoint as error:
@@ -71,6 +84,23 @@ def load_any(path: str, unsafe: bool) -> Any:
     except Exception as error:  # unpicklers raise arbitrary types on garbage; reported, not swallowed
         raise ToolError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    safetensors_torch = _import_safetensors(f"reading {path}")
+    try:
+        return safetensors_torch.load_file(path, device="cpu")
+    except Exception as error:  # the Rust reader raises its own error types on bad headers
+        raise ToolError(f"{path}: not a readable safetensors file (truncated?): {error}") from None
+
+
+def _import_safetensors(purpose: str) -> Any:
+    try:
+        import safetensors.torch as safetensors_torch
+    except ImportError:
+        raise ToolError(f"{purpose} needs the safetensors package, which is not installed. "
+                        f"{SAFETENSORS_HINT}") from None
+    return safetensors_torch
 
 
 def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -95,17 +125,20 @@ def digest(obj: Any) -> str:
     return hasher.hexdigest()
 
 
-def groups_of(obj: Any) -> dict[str, Any]:
+def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
     """The named groups of a checkpoint: harness payload sections, or a single 'model' group."""
     if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
         return dict(obj["state"])
-    return {"model": extract_model_state(obj, "file")}
+    try:
+        return {"model": extract_model_state(obj, source)}
+    except ValueError as error:
+        raise ToolError(str(error)) from None
 
 
 def describe(path: str, unsafe: bool = False) -> dict:
     located = locate(path)
     payload = load_any(located.file, unsafe)
-    groups = groups_of(payload)
+    groups = groups_of(payload, located.file)
     report: dict[str, Any] = {
         "path": located.file,
         "kind": "harness" if isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT else "weights",
@@ -160,6 +193,209 @@ def verify(path: str) -> list[str]:
     return problems
 
 
+# ---- diff -------------------------------------------------------------------------------------------
+
+def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested structure: tensors, numbers, strings, None."""
+    if isinstance(obj, dict):
+        for key in obj:
+            yield from iter_leaves(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            yield from iter_leaves(item, f"{prefix}.{index}" if prefix else str(index))
+    else:
+        yield prefix, obj
+
+
+def flatten_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, Any], dict]:
+    """Every leaf of every group, keyed ``group.key`` (``model.fc.weight``, ``optimizer.state.0.step``),
+    and a short description of the file. Raises ToolError like ``describe``."""
+    located = locate(path)
+    payload = load_any(located.file, unsafe)
+    harness = isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT
+    leaves = {f"{name}.{key}" if key else name: value
+              for name, group in groups_of(payload, located.file).items()
+              for key, value in iter_leaves(group)}
+    info = {"path": located.file, "kind": "harness" if harness else "weights",
+            "step": int(payload["progress"]["step"]) if harness else None}
+    return leaves, info
+
+
+def compare_tensors(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """(number of differing elements, max |a - b| over them) for tensors of equal shape and dtype.
+
+    Elements are compared exactly in their own dtype (no rounding of large integers); NaN equals NaN
+    at the same position, and NaN against a number is a difference of inf.
+    """
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype == torch.bool:
+        a, b = a.to(torch.int8), b.to(torch.int8)
+    differ = a != b
+    if a.is_floating_point() or a.is_complex():
+        differ &= ~(torch.isnan(a) & torch.isnan(b))
+    count = int(differ.sum())
+    if not count:
+        return 0, 0.0
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    gaps = (a[differ].to(wide) - b[differ].to(wide)).abs()
+    gaps = torch.nan_to_num(gaps, nan=float("inf"), posinf=float("inf"))
+    return count, float(gaps.max())
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN == NaN for our purposes
+    return type(a) is type(b) and a == b
+
+
+def diff_checkpoints(path_a: str, path_b: str, unsafe: bool = False) -> dict:
+    """What differs between two checkpoints (harness payloads or plain weight files, any mix).
+
+    Returns a report with ``identical`` (bool), ``only_a`` / ``only_b`` (keys in one file only),
+    ``mismatched`` (same key, different shape or dtype), ``differing`` (tensors with different values:
+    count of differing elements and max abs difference), ``values`` (non-tensor leaves that differ,
+    such as a learning rate) and ``equal`` (how many leaves are the same). Groups are compared as the
+    harness saves them (model, optimizer, scheduler, ...); a plain weight file is one ``model`` group,
+    so an exported file can be compared with the checkpoint it came from.
+    Raises ToolError for a file that cannot be read.
+    """
+    leaves_a, info_a = flatten_checkpoint(path_a, unsafe)
+    leaves_b, info_b = flatten_checkpoint(path_b, unsafe)
+    report: dict[str, Any] = {
+        "a": info_a, "b": info_b,
+        "only_a": sorted(set(leaves_a) - set(leaves_b)),
+        "only_b": sorted(set(leaves_b) - set(leaves_a)),
+        "mismatched": [], "differing": [], "values": [], "equal": 0,
+    }
+    for key in [key for key in leaves_a if key in leaves_b]:
+        a, b = leaves_a[key], leaves_b[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                report["mismatched"].append({"key": key, "a": _signature(a), "b": _signature(b)})
+                continue
+            count, max_abs = compare_tensors(a, b)
+            if count:
+                report["differing"].append({"key": key, "count": count, "numel": a.numel(),
+                                            "max_abs": max_abs})
+            else:
+                report["equal"] += 1
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or not _same_value(a, b):
+            report["values"].append({"key": key, "a": _printable(a), "b": _printable(b)})
+        else:
+            report["equal"] += 1
+    report["identical"] = not (report["only_a"] or report["only_b"] or report["mismatched"]
+                               or report["differing"] or report["values"])
+    return report
+
+
+def _signature(tensor: torch.Tensor) -> dict:
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", "")}
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def print_diff(report: dict) -> None:
+    for side in ("a", "b"):
+        info = report[side]
+        step = f", step {info['step']}" if info["step"] is not None else ""
+        print(f"{side.upper()}: {info['path']}  ({info['kind']}{step})")
+    for side in ("a", "b"):
+        keys = report[f"only_{side}"]
+        if keys:
+            print(f"\nonly in {side.upper()} ({len(keys)}):")
+            for key in keys:
+                print(f"  {key}")
+    if report["mismatched"]:
+        print(f"\nshape/dtype mismatch ({len(report['mismatched'])}):")
+        for item in report["mismatched"]:
+            print(f"  {item['key']:<48} A {tuple(item['a']['shape'])} {item['a']['dtype']}  "
+                  f"B {tuple(item['b']['shape'])} {item['b']['dtype']}")
+    if report["differing"]:
+        print(f"\ntensors that differ ({len(report['differing'])}):")
+        for item in report["differing"]:
+            print(f"  {item['key']:<48} max |A-B| {item['max_abs']:.6g}  "
+                  f"{item['count']}/{item['numel']} elements")
+    if report["values"]:
+        print(f"\nvalues that differ ({len(report['values'])}):")
+        for item in report["values"]:
+            print(f"  {item['key']:<48} A {item['a']!r}  B {item['b']!r}")
+    verdict = "identical" if report["identical"] else "DIFFERENT"
+    print(f"\n{verdict}: {report['equal']} entries equal")
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of any checkpoint layout, wrapper prefixes stripped, floating tensors cast
+    to ``dtype`` (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
+    located = locate(path)
+    payload = load_any(located.file, unsafe)
+    try:
+        weights = extract_model_state(payload, located.file)
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+    if dtype is None:
+        return weights
+    target = EXPORT_DTYPES[dtype]
+    return {key: tensor.to(target) if tensor.is_floating_point() else tensor
+            for key, tensor in weights.items()}
+
+
+def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = "torch",
+                   unsafe: bool = False) -> str:
+    """Write the model weights of ``path`` to ``out`` and its checksum to ``out.sha256``.
+
+    Both files are written atomically (temp file, fsync, rename, fsync of the folder): a crash leaves
+    the previous ``out`` or the new one, never a partial file. Returns the sha256 hex of ``out``.
+    Raises ToolError when the input cannot be read, safetensors is missing for ``--format
+    safetensors``, or ``out`` cannot be written (the message names the folder).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ToolError(f"--format {fmt!r} is invalid: expected one of {EXPORT_FORMATS}")
+    encode = _safetensors_encoder() if fmt == "safetensors" else None
+    if os.path.isdir(out):
+        raise ToolError(f"{out}: is a folder; give the output file name, e.g. {out.rstrip('/')}/model.pt")
+    weights = exportable_weights(path, dtype, unsafe)
+    storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
+    name = os.path.basename(out)
+    data = encode(weights) if encode is not None else None
+
+    def fill(handle) -> None:
+        if data is None:
+            torch.save(weights, handle)
+        else:
+            handle.write(data)
+
+    try:
+        _, sha256 = storage.write(name, fill)
+        line = f"{sha256}  {name}\n".encode()
+        storage.write(name + SHA256_SUFFIX, lambda handle: handle.write(line))
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        raise ToolError(f"cannot write {out}: {error}. HINT: check that {storage.root} exists, is "
+                        "writable and has free space") from None
+    return sha256
+
+
+def _safetensors_encoder():
+    """A function weights -> safetensors bytes. Raises ToolError when safetensors is not installed."""
+    safetensors_torch = _import_safetensors("--format safetensors")
+
+    def encode(weights: dict[str, torch.Tensor]) -> bytes:
+        # safetensors refuses tensors that share storage (tied weights, views); independent
+        # contiguous copies are what a loader expects anyway.
+        # https://huggingface.co/docs/safetensors/torch_shared_tensors
+        tensors = {key: tensor.detach().contiguous().clone() for key, tensor in weights.items()}
+        return safetensors_torch.save(tensors, metadata={"format": "pt"})
+
+    return encode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.ckpt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow full unpickling (runs code from the file; trusted files only)")
     check = commands.add_parser("verify", help="check files against their manifests")
     check.add_argument("path")
+    compare = commands.add_parser("diff", help="which tensors differ between two checkpoints "
+                                               "(exit 0: identical, 1: different)")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.add_argument("--unsafe", action="store_true",
+                         help="allow full unpickling (runs code from the files; trusted files only)")
+    export = commands.add_parser("export", help="model weights only, prefixes stripped, for inference "
+                                                "or fine-tuning; prints the sha256 of OUT")
+    export.add_argument("path")
+    export.add_argument("out")
+    export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES),
+                        help="cast floating tensors (default: keep their dtype)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="torch", dest="fmt",
+                        help="torch (torch.save) or safetensors (needs the safetensors package)")
+    export.add_argument("--unsafe", action="store_true",
+                        help="allow full unpickling (runs code from the file; trusted files only)")
     return parser
 
 
@@ -189,8 +442,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_PROBLEM if problems else EXIT_OK
+        if args.command == "diff":
+            report = diff_checkpoints(args.a, args.b, unsafe=args.unsafe)
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                print_diff(report)
+            return EXIT_OK if report["identical"] else EXIT_PROBLEM
+        if args.command == "export":
+            sha256 = export_weights(args.path, args.out, args.dtype, args.fmt, unsafe=args.unsafe)
+            print(f"{sha256}  {args.out}")
+            return EXIT_OK
     except ToolError as error:
-        print(f"harness.ckpt: {error}", file=sys.stderr)
+        # One line, so the error is the last line of a log and greps well (the HINT stays in it).
+        print(f"harness.ckpt: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
         return EXIT_PROBLEM
     return EXIT_USAGE
 

@@ -62,9 +62,22 @@ def _wait_state(job_id: str, states: set[str], timeout: float = 240) -> dict:
                     timeout=timeout, what=f"job {job_id} in {states}")
 
 
-def _run_path(tmp_path: Path, slurm_reference: Path, interrupt) -> dict:
+def _sbatch_template(ckpt_dir: Path) -> str:
+    """Submit slurm/sbatch-template.sh (plain sbatch + srun, no submitit)."""
+    (ckpt_dir / "slurm").mkdir(parents=True)
+    from conftest import BASE_OVERRIDES
+
+    overrides = [o for o in BASE_OVERRIDES if not o.startswith("launcher.")]
+    result = subprocess.run(
+        ["sbatch", "--parsable", "-p", "debug", "-o", str(ckpt_dir / "slurm" / "%j_0_log.out"),
+         "slurm/sbatch-template.sh", "name=template", f"checkpoint.dir={ckpt_dir}", *overrides,
+         *SLURM_OVERRIDES], cwd=REPO, capture_output=True, text=True, check=True)
+    return result.stdout.strip().split(";")[0]
+
+
+def _run_path(tmp_path: Path, slurm_reference: Path, interrupt, submit=_submit) -> dict:
     ckpt_dir = tmp_path / "ckpt"
-    job_id = _submit(ckpt_dir)
+    job_id = submit(ckpt_dir)
     try:
         _wait_state(job_id, {"RUNNING"})
         wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 10, timeout=120, what="training progress")
@@ -97,6 +110,11 @@ def test_preemption_by_a_higher_priority_job_requeues_and_resumes_exactly(tmp_pa
         subprocess.run(["sbatch", "-p", "urgent", "-n", "2", "-J", "urgent", "-o", "/dev/null",
                         "--wrap", "sleep 3"], check=True, capture_output=True)
     _run_path(tmp_path, slurm_reference, preempt)
+
+
+def test_sbatch_template_with_srun_requeues_and_resumes_exactly(tmp_path, slurm_reference):
+    _run_path(tmp_path, slurm_reference, lambda job: subprocess.run(["scontrol", "requeue", job], check=True),
+              submit=_sbatch_template)
 
 
 def test_unknown_partition_is_a_clear_error_at_submission(tmp_path):

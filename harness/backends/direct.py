@@ -13,9 +13,12 @@ def run_direct(config_data: dict) -> int:
     """Train this rank; under SLURM, rank 0 requeues the job after a preemption's save."""
     started = time.monotonic()
     env = read_env()
-    code = run_worker(config_data)
-    if code == PREEMPTED_EXIT_CODE and env.source == "slurm":
-        from harness.backends.slurm import requeue_after_preemption
+    if env.source != "slurm":
+        return run_worker(config_data)
+    from harness.backends.slurm import announce, requeue_after_preemption
 
+    announce(env)
+    code = run_worker(config_data)
+    if code == PREEMPTED_EXIT_CODE:
         requeue_after_preemption(env, None, time.monotonic() - started)
     return code

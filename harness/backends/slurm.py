@@ -124,6 +124,12 @@ def requeue_after_preemption(env: DistEnv, launcher: Optional[SlurmLauncherConfi
             "resubmit the same command to resume")
 
 
+def announce(env: DistEnv) -> None:
+    """One line per task naming the job and how often SLURM restarted it."""
+    say(f"rank {env.rank}/{env.world_size} on {os.uname().nodename}, job "
+        f"{os.environ.get('SLURM_JOB_ID')}, SLURM_RESTART_COUNT={env.restart_count}")
+
+
 class SlurmEntry:
     """What submitit runs in every task: one rank of the job, then a requeue if it was preempted."""
 
@@ -141,8 +147,7 @@ class SlurmEntry:
             signal.signal(signum, signal.SIG_IGN)
         env = read_env()
         launcher = validate(self.config_data).launcher
-        say(f"rank {env.rank}/{env.world_size} on {os.uname().nodename}, job "
-            f"{os.environ.get('SLURM_JOB_ID')}, SLURM_RESTART_COUNT={env.restart_count}")
+        announce(env)
         code = run_worker(self.config_data)
         if code == PREEMPTED_EXIT_CODE:
             requeue_after_preemption(env, launcher, time.monotonic() - started)
