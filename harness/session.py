@@ -313,13 +313,13 @@ class Session:
                 metric = self.metrics.get(self.cfg.checkpoint.best_metric or "")
                 info = versions() | {"world_size": self.env.world_size, "metric": metric}
                 self.writer.submit(self.progress.step, payload, info)
-            except (CheckpointError, OSError, RuntimeError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        outcome = [error]
+            except Exception as exc:  # any failure (disk, network, serialization) must reach every rank
+                error = exc
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
         if dist.is_initialized():
             dist.broadcast_object_list(outcome, src=0)  # also the barrier: rank 0 has committed
         if outcome[0] is not None:
-            raise CheckpointError(f"rank 0 failed to save step {self.progress.step}: {outcome[0]}")
+            raise CheckpointError(f"rank 0 failed to save step {self.progress.step}: {outcome[0]}") from error
         self.last_saved_step = self.progress.step
         if self.writer is not None and self.writer.last_save_s is not None:
             warning = grace_warning(self.writer.last_save_s, self.cfg.preempt.grace_s)

@@ -206,6 +206,10 @@ def absolute_dirs(config_data: dict) -> dict:
         value = data[section][key]
         if "://" not in value:
             data[section][key] = os.path.abspath(value)
+    if "://" in data["launcher"]["folder"]:
+        raise SlurmError(f"launcher.folder={data['launcher']['folder']} is a URL, but submitit needs a "
+                         "shared local folder for logs and job pickles. HINT: set launcher.folder="
+                         "<path on a shared filesystem> when checkpoint.dir is a URL")
     return data
 
 
@@ -233,7 +237,11 @@ def make_executor(cfg: HarnessConfig, folder: str):
 
 def submit(config_data: dict, cfg: HarnessConfig) -> int:
     """Submit and print the job id and log folder; with launcher.follow, wait for the end."""
-    data = absolute_dirs(config_data)
+    try:
+        data = absolute_dirs(config_data)
+    except SlurmError as error:
+        say(str(error))
+        return 2
     folder = data["launcher"]["folder"]
     if shutil.which("sbatch") is None:
         say("sbatch is not on PATH: cannot submit. HINT: run on a SLURM login node "
