@@ -148,6 +148,16 @@ class Session:
         """Ask for a stop from code: the run saves and stops at the next agreement, like a signal."""
         self.flag.request()
 
+    def check_stop(self) -> None:
+        """Agree on a stop inside a loop of yours (evaluation, warm-up); a collective call.
+
+        Every rank must call it equally often. If any rank has a stop request, the state after the
+        last completed training step is saved and Preempted is raised on every rank.
+        """
+        reason = agree(self.flag, self.env.device)
+        if reason:
+            self._stop(reason)
+
     def batches(self, loader: DataLoader) -> Iterator[Any]:
         """Yield one batch per optimizer step until ``trainer.max_steps``, resuming on first use."""
         self.start()
@@ -283,9 +293,7 @@ class Session:
         if step % self.cfg.checkpoint.every_steps == 0 or last:
             self.save()
         if not last and step % self.cfg.preempt.check_every == 0:
-            reason = agree(self.flag, self.env.device)
-            if reason:
-                self._stop(reason)
+            self.check_stop()
 
     def _stop(self, reason_code: int) -> None:
         reason = describe_reason(reason_code)

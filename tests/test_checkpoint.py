@@ -25,19 +25,21 @@ from harness.state import UnsafeCheckpoint, extract_model_state, torch_load
 from harness.store import CheckpointError, CheckpointRef, CheckpointStore, LocalStorage, Retention
 
 
-def _first_leg(ckpt_dir: Path, stop_step: int) -> None:
+def _first_leg(ckpt_dir: Path, stop_step: int, *overrides: str) -> None:
     """Train the shared configuration but stop after ``stop_step`` (same LR schedule: T_max fixed)."""
     result = run_launch(ckpt_dir, f"trainer.max_steps={stop_step}", f"task.scheduler.T_max={STEPS}",
-                        f"checkpoint.every_steps={stop_step}")
+                        f"checkpoint.every_steps={stop_step}", *overrides)
     assert result.returncode == 0, result.stderr
     assert steps_with_saves(ckpt_dir)[-1] == stop_step
 
 
-@pytest.mark.parametrize("stop_step", [45, 64], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_is_bit_exact(tmp_path, reference, stop_step):
+@pytest.mark.parametrize("stop_step, writer", [(45, "sync"), (64, "sync"), (45, "async")],
+                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-async"])
+def test_resume_is_bit_exact(tmp_path, reference, stop_step, writer):
     ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, stop_step)
-    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}")
+    async_save = f"checkpoint.async_save={writer == 'async'}"
+    _first_leg(ckpt_dir, stop_step, async_save)
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", async_save)
     assert result.returncode == 0, result.stderr
     assert f"resumed from {ckpt_dir}/step_{stop_step:09d} at step {stop_step}" in result.stdout
     assert_same_training(ckpt_dir, reference)
@@ -62,10 +64,12 @@ def test_resume_without_rng_restore_would_differ(tmp_path, reference):
         assert_same_training(ckpt_dir, reference)
 
 
-def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, reference):
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, reference, writer):
     ckpt_dir = tmp_path / "ckpt"
     rng = random.Random(1234)
-    overrides = ("checkpoint.every_steps=7",)  # saves are frequent, so kills land inside them too
+    # Saves are frequent, so kills land inside them too.
+    overrides = ("checkpoint.every_steps=7", f"checkpoint.async_save={writer == 'async'}")
     for attempt in range(3):
         launcher = start_launch(ckpt_dir, *overrides)
         worker_pids(launcher)

@@ -233,6 +233,28 @@ def test_signal_in_the_first_step_after_resume_saves_that_step(tmp_path):
     assert steps_with_saves(tmp_path / "ckpt") == [5, 10, 12, 13]
 
 
+def test_check_stop_in_an_evaluation_loop_saves_the_last_training_step(tmp_path):
+    session = _session(tmp_path, max_steps=8)
+    with session:
+        _train(session)
+    assert steps_with_saves(tmp_path / "ckpt") == [5, 8]
+    session = _session(tmp_path, max_steps=8)
+    (tmp_path / "ckpt" / "step_000000008" / "manifest.json").unlink()  # newest is gone: resume at 5
+    with pytest.raises(Preempted) as stopped:
+        with session:
+            from harness.example import MLP
+
+            session.prepare(MLP())
+            session.start()
+            for _ in range(3):  # an evaluation loop of the user's
+                session.check_stop()
+            os.kill(os.getpid(), signal.SIGTERM)
+            session.check_stop()
+    # The newest checkpoint already holds step 5: the stop writes nothing new.
+    assert stopped.value.step == 5 and steps_with_saves(tmp_path / "ckpt") == [5]
+    assert session.resumed_from.step == 5
+
+
 def test_second_ctrl_c_stops_at_once():
     flag = StopFlag()
     flag.install(["SIGINT"])
