@@ -132,3 +132,21 @@ def test_too_many_cpus_is_a_clear_error_at_submission(tmp_path):
 def test_time_out_is_told_apart_from_preemption():
     assert is_time_out(elapsed_s=3400, timeout_min=60, signal_delay_s=120)
     assert not is_time_out(elapsed_s=600, timeout_min=60, signal_delay_s=120)
+
+
+def test_follow_waits_for_the_job_and_reports_its_end(tmp_path):
+    result = run_launch(tmp_path / "ckpt", "launcher=slurm", "launcher.nproc_per_node=2", "launcher.timeout_min=60",
+                        "launcher.follow=true", "trainer.max_steps=5", timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "COMPLETED" in result.stderr
+    assert newest_payload(tmp_path / "ckpt")["progress"]["step"] == 5
+
+
+def test_requeue_id_of_array_jobs_and_missing_scontrol(monkeypatch):
+    from harness.backends.slurm import SlurmError, job_id_for_requeue, scontrol
+
+    assert job_id_for_requeue({"SLURM_JOB_ID": "57", "SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "7"}) == "50_7"
+    assert job_id_for_requeue({"SLURM_JOB_ID": "57"}) == "57"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SlurmError, match="scontrol is not on PATH"):
+        scontrol("requeue", "57")
