@@ -107,6 +107,7 @@ class TaskConfig:
     batch_size: int = 32  # samples per rank per step
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # reshuffle the data every epoch (DistributedSampler)
+    meta_init: bool = False  # on resume, skip random init (meta device); only if every buffer is persistent
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "task.batch_size", self.batch_size, "an integer >= 1")

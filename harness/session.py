@@ -65,6 +65,7 @@ class Session:
         self.resumed_from: Optional[CheckpointRef] = None
         self._started = False
         self._pending_rng: Optional[dict] = None
+        self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self._setup()
@@ -189,7 +190,10 @@ class Session:
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
             enabled=self.env.is_main, metrics_path=self._metrics_path())
-        ref = self._choose_checkpoint() if self.cfg.checkpoint.resume else None
+        ref = self.resume_point()
+        if not self.cfg.checkpoint.resume and self.env.is_main and self.store.latest_listed():
+            self.say(f"WARNING: checkpoint.resume=false, but {self.store.root} holds checkpoints: "
+                     "this run starts fresh and overwrites checkpoints of the same steps")
         if ref is None:
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank)  # distinct dropout per rank
             self.say(f"no checkpoint in {self.store.root}: starting fresh "
@@ -207,6 +211,12 @@ class Session:
         if "://" in self.cfg.checkpoint.dir:
             return None
         return os.path.join(self.cfg.checkpoint.dir, "metrics.jsonl")
+
+    def resume_point(self) -> Optional[CheckpointRef]:
+        """The checkpoint this run resumes from (None: a fresh start); a collective on first call."""
+        if self._resume_point is None:
+            self._resume_point = (self._choose_checkpoint(),) if self.cfg.checkpoint.resume else (None,)
+        return self._resume_point[0]
 
     def _choose_checkpoint(self) -> Optional[CheckpointRef]:
         """Rank 0 verifies and picks; every rank loads the same one."""

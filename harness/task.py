@@ -21,9 +21,22 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def build_model(session: Session, task: TaskConfig) -> torch.nn.Module:
+    """Instantiate the model; with ``task.meta_init`` and a checkpoint to resume from, without the
+    random initialisation that the checkpoint overwrites anyway (seconds for large models).
+
+    Non-persistent buffers are not in checkpoints: they would stay uninitialised, hence opt-in.
+    """
+    if task.meta_init and session.resume_point() is not None:
+        with torch.device("meta"):
+            model = instantiate(task.model)
+        return model.to_empty(device=session.device)
+    return instantiate(task.model)
+
+
 def run_task(session: Session, task: TaskConfig) -> None:
     """Build model, optimizer, scheduler and data from ``task``, then train until done or stopped."""
-    model = session.prepare(instantiate(task.model))
+    model = session.prepare(build_model(session, task))
     optimizer = instantiate(task.optimizer)(model.parameters())
     scheduler = instantiate(task.scheduler)(optimizer) if task.scheduler else None
     session.register(optimizer=optimizer, scheduler=scheduler)

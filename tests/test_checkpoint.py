@@ -33,13 +33,13 @@ def _first_leg(ckpt_dir: Path, stop_step: int, *overrides: str) -> None:
     assert steps_with_saves(ckpt_dir)[-1] == stop_step
 
 
-@pytest.mark.parametrize("stop_step, writer", [(45, "sync"), (64, "sync"), (45, "async")],
-                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-async"])
-def test_resume_is_bit_exact(tmp_path, reference, stop_step, writer):
+@pytest.mark.parametrize("stop_step, options", [
+    (45, ()), (64, ()), (45, ("checkpoint.async_save=true",)), (45, ("task.meta_init=true",))],
+    ids=["mid-epoch", "epoch-boundary", "mid-epoch-async", "mid-epoch-meta-init"])
+def test_resume_is_bit_exact(tmp_path, reference, stop_step, options):
     ckpt_dir = tmp_path / "ckpt"
-    async_save = f"checkpoint.async_save={writer == 'async'}"
-    _first_leg(ckpt_dir, stop_step, async_save)
-    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", async_save)
+    _first_leg(ckpt_dir, stop_step, *options)
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", *options)
     assert result.returncode == 0, result.stderr
     assert f"resumed from {ckpt_dir}/step_{stop_step:09d} at step {stop_step}" in result.stdout
     assert_same_training(ckpt_dir, reference)

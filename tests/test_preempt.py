@@ -280,3 +280,20 @@ def test_previous_python_handler_is_chained_and_restored():
         assert calls == [signal.SIGUSR1] * 2
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sigterm_to_the_launcher_during_start_up_still_means_restart_me(tmp_path):
+    """Whether the ranks were still importing (no handlers yet) or already training, the job exits 75."""
+    ckpt_dir = tmp_path / "ckpt"
+    log = tmp_path / "job.log"
+    launcher = start_launch(ckpt_dir, log_path=log)
+    try:
+        worker_pids(launcher)
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    output = log.read_text()
+    assert code == PREEMPTED_EXIT_CODE, output
+    assert "failed with" not in output

@@ -85,8 +85,11 @@ def _wait(group: WorkerGroup) -> int:
     failed_at: Optional[float] = None
     while True:
         codes = [proc.poll() for proc in group.procs]
+        # A rank killed by a signal the launcher forwarded was still starting up (no handlers yet):
+        # nothing was lost since the newest checkpoint, so that counts as preempted, not failed.
+        forwarded = {-signum for signum in group.signals_received}
         failures = [(rank, code) for rank, code in enumerate(codes)
-                    if code is not None and code not in (0, PREEMPTED_EXIT_CODE)]
+                    if code is not None and code not in (0, PREEMPTED_EXIT_CODE) and code not in forwarded]
         if failures and failed_at is None:
             failed_at = time.monotonic()
             for rank, code in failures:
@@ -99,6 +102,10 @@ def _wait(group: WorkerGroup) -> int:
         time.sleep(POLL_S)
     if failures:
         return failures[0][1] if failures[0][1] > 0 else 128 - failures[0][1]
+    if any(code in forwarded for code in codes):
+        say("ranks were stopped by a forwarded signal during start-up: nothing to save since the "
+            "newest checkpoint")
+        return PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
 
 
@@ -122,8 +129,8 @@ def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
             if code != PREEMPTED_EXIT_CODE:
                 return code
             if signalled or attempt >= launcher.max_restarts:
-                say(f"job preempted: checkpoint saved; exit code {code} asks to restart it "
-                    "(relaunch the same command to resume)")
+                say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
+                    "command to resume from the newest checkpoint)")
                 return code
             attempt += 1
             say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
