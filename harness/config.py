@@ -62,6 +62,7 @@ class CheckpointConfig:
     init_rename: Dict[str, str] = field(default_factory=dict)  # prefix renames for init_from: {old.: new.}
     init_strict: bool = False  # fail when init_from has missing, unexpected or mis-shaped keys
     async_save: bool = False  # snapshot to host memory, then write in a background thread
+    staging_dir: Optional[str] = None  # write checkpoints here first (local, fast), upload to dir behind
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "checkpoint.dir", self.dir, "a non-empty path or URL")

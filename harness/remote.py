@@ -120,6 +120,9 @@ class FsspecStorage:
         if any(item is handle for item in queued):
             queued.remove(handle)
 
+    def flush(self) -> None:
+        """Nothing is in flight: an object is published when write() returns."""
+
     def remove_dir(self, rel: str) -> None:
         """Delete a checkpoint folder, its manifest first: a crash midway leaves a manifest-less
         folder (which does not exist and is pruned later), never a manifest over missing data.

@@ -55,7 +55,7 @@ class Session:
         self.progress = Progress(world_size=self.env.world_size)
         self.registry = StateRegistry()
         self.flag = StopFlag()
-        self.store = CheckpointStore(open_storage(cfg.checkpoint.dir))
+        self.store = CheckpointStore(open_storage(cfg.checkpoint.dir, cfg.checkpoint.staging_dir))
         self.retention = Retention(keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                    keep_best=cfg.checkpoint.keep_best, best_mode=cfg.checkpoint.best_mode)
         self.writer = CheckpointWriter(self.store, self.retention, asynchronous=cfg.checkpoint.async_save) \
@@ -98,6 +98,7 @@ class Session:
         try:
             if self.writer is not None:
                 self.writer.close()
+                self.store.storage.flush()
             if barrier and dist.is_initialized():
                 # Gloo fails fast when a peer is gone: nobody leaves before everybody is done.
                 dist.barrier()
@@ -310,8 +311,7 @@ class Session:
         started = time.perf_counter()
         if self.last_saved_step != self.progress.step:
             self.save()
-        if self.writer is not None:
-            self.writer.flush()
+        self._flush_writes()
         self.say(f"stop requested ({reason}) at step {self.progress.step}: checkpoint "
                  f"{self.store.root}/step_{self.progress.step:09d} committed in "
                  f"{time.perf_counter() - started:.2f}s; exiting with code {PREEMPTED_EXIT_CODE} "
@@ -344,6 +344,12 @@ class Session:
             if warning and not self.writer.asynchronous:
                 self.say("WARNING: " + warning)
 
+    def _flush_writes(self) -> None:
+        """Rank 0: wait until the last checkpoint is committed (and uploaded, when staging)."""
+        if self.writer is not None:
+            self.writer.flush()
+            self.store.storage.flush()
+
     def _gather_rng(self) -> list:
         state = capture_rng()
         if not dist.is_initialized():
@@ -354,8 +360,7 @@ class Session:
 
     def finish(self) -> None:
         """The run reached max_steps: make sure the final checkpoint is durable."""
-        if self.writer is not None:
-            self.writer.flush()
+        self._flush_writes()
         self.say(f"finished {self.progress.step} steps; checkpoints in {self.store.root}")
 
     def say(self, text: str) -> None:

@@ -73,6 +73,7 @@ class Storage(Protocol):
     def local_path(self, rel: str) -> Optional[str]: ...
     def write(self, rel: str, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]: ...
     def remove_dir(self, rel: str) -> None: ...
+    def flush(self) -> None: ...  # wait for background uploads (staging); raise their failure
 
 
 class LocalStorage:
@@ -125,6 +126,9 @@ class LocalStorage:
     def remove_dir(self, rel: str) -> None:
         shutil.rmtree(self._path(rel), ignore_errors=False)
 
+    def flush(self) -> None:
+        """Nothing is in flight: every write is durable when it returns."""
+
 
 def _root_os_error(error: BaseException) -> BaseException:
     """The OSError (ENOSPC, EROFS, ...) behind an error, if there is one."""
@@ -151,8 +155,13 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def open_storage(root: str) -> Storage:
-    """LocalStorage for paths and file:// URLs, FsspecStorage for other URLs (s3://, gs://, ...)."""
+def open_storage(root: str, staging_dir: Optional[str] = None) -> Storage:
+    """LocalStorage for paths and file:// URLs, FsspecStorage for other URLs (s3://, gs://, ...);
+    with ``staging_dir``, a StagedStorage that writes there first and uploads to ``root`` behind."""
+    if staging_dir:
+        from harness.staging import StagedStorage
+
+        return StagedStorage(LocalStorage(staging_dir), open_storage(root))
     if root.startswith("file://"):
         root = root[len("file://"):]
     if "://" in root:
