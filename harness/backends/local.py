@@ -64,16 +64,30 @@ def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int)
                 PYTHONUNBUFFERED="1")
 
 
+def _unblock_forwarded() -> None:
+    # Runs in each child before exec: the launcher blocks these signals while it spawns the ranks,
+    # and a blocked mask would be inherited by the worker.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
 def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int) -> tuple[int, bool]:
     """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "harness.worker", config_path],
-                              env=worker_env(rank, nproc, master_addr, port, attempt),
-                              start_new_session=True)  # only forwarded signals reach the ranks
-             for rank in range(nproc)]
-    group = WorkerGroup(procs)
+    group = WorkerGroup([])
+    # A signal that arrives while the ranks are being spawned stays pending until every rank exists,
+    # so it is forwarded to all of them, not to the ones started so far.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     previous = {signum: signal.signal(signum, group.forward) for signum in FORWARDED}
     try:
+        try:
+            for rank in range(nproc):
+                group.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "harness.worker", config_path],
+                    env=worker_env(rank, nproc, master_addr, port, attempt),
+                    start_new_session=True,  # only forwarded signals reach the ranks
+                    preexec_fn=_unblock_forwarded))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         return _wait(group), bool(group.signals_received)
     finally:
         for signum, handler in previous.items():
