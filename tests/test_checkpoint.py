@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -148,24 +149,34 @@ def test_retention_is_computed_from_disk_across_restarts(tmp_path, reference):
     assert steps_with_saves(ckpt_dir) == [140, 160]
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
+def _mount_small_disk(path: Path, kind: str) -> None:
+    """A real 1-2 MB filesystem: tmpfs (no O_DIRECT: buffered writes) or loop-mounted ext4 (O_DIRECT)."""
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True)
+    if kind == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(path)]
+    else:
+        image = path.parent / "disk.img"
+        subprocess.run(["truncate", "-s", "2M", str(image)], check=True)
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"mkfs.ext4 unavailable: {made.stderr.decode().strip()}")
+        command = ["mount", "-o", "loop", str(image), str(path)]
+    result = subprocess.run(command, capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a small {kind} here (needs root): {result.stderr.decode().strip()}")
 
 
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"], ids=["buffered-tmpfs", "odirect-ext4"])
 @pytest.mark.parametrize("failure", ["disk-full", "read-only"])
-def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, failure):
+def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, failure, kind):
     mount = tmp_path / "disk"
-    _mount_tmpfs(mount, "600k")
+    _mount_small_disk(mount, kind)
     try:
         store = CheckpointStore(LocalStorage(str(mount)))
         store.commit(1, lambda f: torch.save({"w": torch.zeros(1000)}, f), {})
         if failure == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        big = {"w": torch.zeros(1_000_000)}  # 4 MB: does not fit in the 600 kB disk
+        big = {"w": torch.zeros(1_000_000)}  # 4 MB: does not fit on the small disk
         with pytest.raises(CheckpointError, match=r"step 2 .*previous checkpoint \(step 1\) is intact"):
             store.commit(2, lambda f: torch.save(big, f), {})
         assert [ref.step for ref in store.list_complete()] == [1]
@@ -173,6 +184,19 @@ def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, fail
         assert not list(mount.rglob("*.tmp-*")), "a partial temp file was left behind"
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_odirect_and_buffered_writes_produce_the_same_file(tmp_path):
+    payload = {"w": torch.randn(3_000_001), "n": torch.arange(7)}  # not a multiple of the alignment
+    digests = []
+    for direct in (True, False):
+        storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
+        size, digest = storage.write("state.pt", lambda f: torch.save(payload, f))
+        written = (tmp_path / str(direct) / "state.pt").read_bytes()
+        assert size == len(written) and digest == hashlib.sha256(written).hexdigest()
+        assert_tensors_equal(torch.load(tmp_path / str(direct) / "state.pt", weights_only=True), payload)
+        digests.append(digest)
+    assert digests[0] == digests[1]
 
 
 class _Net(nn.Module):
