@@ -514,7 +514,7 @@ def measure_step_overhead(trainer: Trainer, folder: str, pairs: int) -> dict:
     finally:
         session.close()
     harness_s, plain_s = statistics.median(harness_times), statistics.median(plain_times)
-    differences = [h - p for h, p in zip(harness_times, plain_times)]
+    differences = [h - p for h, p in zip(harness_times, plain_times, strict=False)]
     result: dict[str, Any] = {"step_overhead_ratio": (harness_s - plain_s) / plain_s,
                               "step_overhead_s": statistics.median(differences)}
     put(result, "harness_step_s", harness_times)
@@ -824,7 +824,7 @@ def print_report(report: dict) -> None:
     except ImportError:
         widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
         for row in [header] + rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)))
     else:
         from rich.markup import escape
 

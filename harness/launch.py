@@ -17,7 +17,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from harness.config import ConfigError, register_configs, to_plain, validate
 

@@ -148,7 +148,7 @@ def _abandon(handle: IO[bytes], root: str, rel: str) -> None:
     except Exception as error:  # the original error matters more; say what may be left over
         warnings.warn(f"could not discard the partial upload of {root}/{rel} ({error}); it is not "
                       "visible, but an incomplete multipart upload may remain: a bucket lifecycle "
-                      "rule AbortIncompleteMultipartUpload removes it")
+                      "rule AbortIncompleteMultipartUpload removes it", stacklevel=2)
     if isinstance(handle, AbstractBufferedFile):
         handle.closed = True  # so neither close() nor __del__ flushes the discarded buffer
     else:

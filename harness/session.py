@@ -22,7 +22,6 @@ import datetime
 import logging
 import os
 import time
-import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -55,7 +54,9 @@ class Session:
         self.progress = Progress(world_size=self.env.world_size)
         self.registry = StateRegistry()
         self.flag = StopFlag()
-        self.store = CheckpointStore(open_storage(cfg.checkpoint.dir, cfg.checkpoint.staging_dir))
+        # Only rank 0 writes, so only rank 0 stages; the others read what rank 0 chose from dir.
+        staging_dir = cfg.checkpoint.staging_dir if self.env.is_main else None
+        self.store = CheckpointStore(open_storage(cfg.checkpoint.dir, staging_dir))
         self.retention = Retention(keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                    keep_best=cfg.checkpoint.keep_best, best_mode=cfg.checkpoint.best_mode)
         self.writer = CheckpointWriter(self.store, self.retention, asynchronous=cfg.checkpoint.async_save) \
@@ -223,6 +224,7 @@ class Session:
         """Rank 0 verifies and picks; every rank loads the same one."""
         chosen = [None]
         if self.env.is_main:
+            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
             chosen[0] = self.store.latest_valid(checksum=self.cfg.checkpoint.verify)
         if dist.is_initialized():
             dist.broadcast_object_list(chosen, src=0)

@@ -99,7 +99,7 @@ class StateRegistry:
             obj.load_state_dict(state)
         extra = sorted(set(states) - set(self._objects))
         if extra:
-            warnings.warn(f"checkpoint holds state for {extra}, which nothing registered; ignored")
+            warnings.warn(f"checkpoint holds state for {extra}, which nothing registered; ignored", stacklevel=2)
 
 
 def capture_rng() -> dict:

@@ -284,12 +284,12 @@ class CheckpointStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            warnings.warn(f"ignoring checkpoint {self.root}/{name}: unreadable manifest ({error})")
+            warnings.warn(f"ignoring checkpoint {self.root}/{name}: unreadable manifest ({error})", stacklevel=2)
             return None
         if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
             warnings.warn(f"ignoring checkpoint {self.root}/{name}: manifest format "
                           f"{manifest.get('format')!r} v{manifest.get('format_version')!r} is not "
-                          f"{MANIFEST_FORMAT} v{MANIFEST_VERSION}")
+                          f"{MANIFEST_FORMAT} v{MANIFEST_VERSION}", stacklevel=2)
             return None
         return manifest
 
@@ -338,7 +338,7 @@ class CheckpointStore:
             found = self.problems(ref, checksum=checksum)
             if not found:
                 return ref
-            warnings.warn(f"skipping corrupt checkpoint {self.root}/{ref.name}: " + "; ".join(found))
+            warnings.warn(f"skipping corrupt checkpoint {self.root}/{ref.name}: " + "; ".join(found), stacklevel=2)
         return None
 
     def prune(self, retention: Retention) -> list[CheckpointRef]:

@@ -114,7 +114,7 @@ def assert_tensors_equal(a, b, path: str = "") -> None:
             assert_tensors_equal(a[key], b[key], f"{path}/{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"lengths differ at {path}"
-        for index, (x, y) in enumerate(zip(a, b)):
+        for index, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_tensors_equal(x, y, f"{path}/{index}")
     else:
         assert a == b, f"values differ at {path}: {a!r} != {b!r}"

@@ -7,11 +7,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from torch import nn
 from conftest import (STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics, newest_payload,
                       run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.ckpt import main as ckpt_main
-from harness.keys import match_state, rename_prefixes, strip_wrapper_prefixes, unwrap_model
+from harness.keys import match_state, rename_prefixes, unwrap_model
 from harness.state import UnsafeCheckpoint, extract_model_state, torch_load
 from harness.store import CheckpointError, CheckpointRef, CheckpointStore, LocalStorage, Retention
 

@@ -50,7 +50,7 @@ def _assert_stopped_together_and_saved_once(ckpt_dir: Path, output: str) -> int:
     assert 20 <= step < 160
     saves = steps_with_saves(ckpt_dir)
     assert saves[-1] == step, f"no checkpoint at the stop step {step}: {saves}"
-    assert output.count(f"stop requested") == 1
+    assert output.count("stop requested") == 1
     assert "exiting with code 75" in output
     return step
 
