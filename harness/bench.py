@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness.config import validate
 from harness.env import free_port
-from harness.preempt import Preempted, StopFlag, agree
+from harness.preempt import Preempted, agree
+from harness.signals import StopFlag
 from harness.session import Session
 from harness.state import (KEY_STATE, MODEL, Progress, build_payload, capture_rng, check_payload,
                            torch_load, versions)

@@ -9,6 +9,7 @@ at the same step, save once and exit with PREEMPTED_EXIT_CODE.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import signal
 import threading
@@ -20,14 +21,9 @@ import torch
 import torch.distributed as dist
 
 from harness.config import PREEMPTED_EXIT_CODE
+from harness.signals import REASON_SPOT, StopFlag
 
 log = logging.getLogger(__name__)
-
-REASON_NONE = 0
-REASON_REQUEST = 1  # request_stop() from code
-REASON_SPOT = 2  # cloud termination notice
-# Signals are recorded as 100 + signal number so the agreed reason says which one arrived.
-REASON_SIGNAL_BASE = 100
 
 SPOT_URLS = {
     "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
@@ -50,61 +46,36 @@ class Preempted(SystemExit):
         self.reason = reason
 
 
-def describe_reason(code: int) -> str:
-    if code >= REASON_SIGNAL_BASE:
-        return signal.Signals(code - REASON_SIGNAL_BASE).name
-    return {REASON_REQUEST: "request_stop()", REASON_SPOT: "spot termination notice"}.get(code, "none")
+def agree(flag: StopFlag, device: torch.device, proposed_interval: int = 1) -> tuple[int, int]:
+    """One all-reduce(MAX) of [stop reason, steps until the next agreement].
 
-
-class StopFlag:
-    """A process-local stop request, set from signal handlers, pollers or code."""
-
-    def __init__(self) -> None:
-        self.reason = REASON_NONE
-        self.interrupts = 0  # Ctrl-C presses seen
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.reason != REASON_NONE
-
-    def request(self, reason: int = REASON_REQUEST) -> None:
-        if self.reason == REASON_NONE:
-            self.reason = reason
-
-    def _handle(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt  # second Ctrl-C: stop at once, no save
-        self.request(REASON_SIGNAL_BASE + signum)
-        previous = self._previous.get(signum)
-        # Chain a previous Python handler (e.g. a user's), but not the defaults that would exit.
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(signum, frame)
-
-    def install(self, names: list[str]) -> None:
-        """Install handlers (main thread only). Earlier handlers are kept and restored by uninstall()."""
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not on the main thread: signal handlers not installed; use request_stop()")
-            return
-        for name in names:
-            signum = signal.Signals[name]
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-
-def agree(flag: StopFlag, device: torch.device) -> int:
-    """All-reduce(MAX) of the local reasons: non-zero on every rank if any rank wants to stop."""
+    Returns the agreed reason (non-zero on every rank if any rank wants to stop) and the agreed
+    interval (rank 0 proposes it, the others send 0), so every rank calls the next agreement at the
+    same step.
+    """
     if not (dist.is_available() and dist.is_initialized()):
-        return flag.reason
-    tensor = torch.tensor([flag.reason], dtype=torch.int64, device=device)
+        return flag.reason, proposed_interval
+    tensor = torch.tensor([flag.reason, proposed_interval], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    reason, interval = tensor.tolist()
+    return int(reason), max(1, int(interval))
+
+
+AUTO_OVERHEAD = 0.01  # auto interval: agreement costs at most 1% of training time...
+AUTO_MAX_WAIT_S = 0.25  # ...and a stop request waits at most about this long for the next agreement
+
+
+def auto_interval(step_s: float, agree_s: float) -> int:
+    """Steps between agreements so that their cost stays under AUTO_OVERHEAD of the step time.
+
+    Large steps (>= 100x the all-reduce) check every step; tiny steps check every k steps, but never
+    so rarely that a stop request waits more than about AUTO_MAX_WAIT_S.
+    """
+    if step_s <= 0:
+        return 1
+    wanted = math.ceil(agree_s / (AUTO_OVERHEAD * step_s))
+    latest = max(1, int(AUTO_MAX_WAIT_S / step_s))
+    return max(1, min(wanted, latest))
 
 
 def ignore_stop_signals_in_worker(worker_id: int) -> None:

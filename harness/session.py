@@ -32,7 +32,8 @@ from harness import data as data_mod
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE
 from harness.env import DistEnv, read_env
 from harness.keys import match_state, rename_prefixes
-from harness.preempt import Preempted, SpotPoller, StopFlag, agree, describe_reason, grace_warning
+from harness.preempt import Preempted, SpotPoller, agree, auto_interval, grace_warning
+from harness.signals import StopFlag, describe_reason
 from harness.progress import ProgressReporter
 from harness.state import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                            StateRegistry, build_payload, capture_rng, check_payload,
@@ -47,13 +48,16 @@ class Session:
     """One rank's view of a resumable run. Use as a context manager; see the module docstring."""
 
     def __init__(self, cfg: HarnessConfig, env: Optional[DistEnv] = None,
-                 config_data: Optional[dict] = None):
+                 config_data: Optional[dict] = None, flag: Optional[StopFlag] = None):
+        """``flag``: a StopFlag whose handlers the caller installed earlier (e.g. before importing
+        torch); the session installs its own otherwise. Either way close() uninstalls them."""
         self.cfg = cfg
         self.env = env or read_env()
         self.config_data = config_data or {}
         self.progress = Progress(world_size=self.env.world_size)
         self.registry = StateRegistry()
-        self.flag = StopFlag()
+        self._flag_installed = flag is not None
+        self.flag = flag if flag is not None else StopFlag()
         # Only rank 0 writes, so only rank 0 stages; the others read what rank 0 chose from dir.
         staging_dir = cfg.checkpoint.staging_dir if self.env.is_main else None
         self.store = CheckpointStore(open_storage(cfg.checkpoint.dir, staging_dir))
@@ -69,6 +73,11 @@ class Session:
         self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
+        self._next_check = 0  # step at which the next stop agreement happens
+        self._step_s: Optional[float] = None  # average step time (auto agreement interval)
+        self._agree_s: Optional[float] = None  # average duration of an agreement
+        self._agreements = 0
+        self._step_started: Optional[float] = None
         self._setup()
 
     # ----- set-up and tear-down -------------------------------------------------------------------
@@ -83,7 +92,8 @@ class Session:
                 init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
                 timeout=datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s))
         seed_everything(self.cfg.trainer.seed)  # identical model init on every rank
-        self.flag.install(list(self.cfg.preempt.signals))
+        if not self._flag_installed:
+            self.flag.install(list(self.cfg.preempt.signals))
         if self.cfg.preempt.spot and self.env.local_rank == 0:
             self._spot = SpotPoller(self.flag, self.cfg.preempt.spot, self.cfg.preempt.spot_url,
                                     self.cfg.preempt.spot_poll_s).start()
@@ -157,9 +167,24 @@ class Session:
         Every rank must call it equally often. If any rank has a stop request, the state after the
         last completed training step is saved and Preempted is raised on every rank.
         """
-        reason = agree(self.flag, self.env.device)
+        started = time.perf_counter()
+        reason, interval = agree(self.flag, self.env.device, self._propose_interval())
+        elapsed = time.perf_counter() - started
+        # The first collective pays connection set-up; later ones are averaged against noise.
+        if self._agreements:
+            self._agree_s = elapsed if self._agree_s is None else 0.8 * self._agree_s + 0.2 * elapsed
+        self._agreements += 1
+        self._next_check = self.progress.step + interval
         if reason:
             self._stop(reason)
+
+    def _propose_interval(self) -> int:
+        """Rank 0's proposal of steps until the next agreement; the others propose 0 (MAX wins)."""
+        if self.cfg.preempt.check_every:
+            return self.cfg.preempt.check_every
+        if not self.env.is_main or self._step_s is None or self._agree_s is None:
+            return 1 if self.env.is_main else 0
+        return auto_interval(self._step_s, self._agree_s)
 
     def batches(self, loader: DataLoader) -> Iterator[Any]:
         """Yield one batch per optimizer step until ``trainer.max_steps``, resuming on first use."""
@@ -295,6 +320,11 @@ class Session:
 
     # ----- each step ------------------------------------------------------------------------------
     def _end_step(self) -> None:
+        now = time.perf_counter()
+        if self._step_started is not None:  # exponential average of the step time, for auto checks
+            elapsed = now - self._step_started
+            self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
+        self._step_started = now
         self.progress.step += 1
         self.progress.batch_in_epoch += 1
         step = self.progress.step
@@ -305,7 +335,7 @@ class Session:
         last = step >= self.cfg.trainer.max_steps
         if step % self.cfg.checkpoint.every_steps == 0 or last:
             self.save()
-        if not last and step % self.cfg.preempt.check_every == 0:
+        if not last and step >= self._next_check:
             self.check_stop()
 
     def _stop(self, reason_code: int) -> None:

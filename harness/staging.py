@@ -10,13 +10,16 @@ Why the remote stays crash-consistent:
 
 - One uploader, first in first out: a checkpoint's payload is published before its manifest, so the
   manifest-last protocol of :mod:`harness.store` holds on the remote as it does locally.
-- If an upload fails, nothing after it in the queue runs (no manifest over a missing payload, no
-  deletion of an older checkpoint that the failed one was to replace); the error is raised by the
-  next ``flush()`` or ``write()``, and what was not uploaded stays in the staging folder.
-- Retention's deletions are queued behind the uploads: an older checkpoint leaves the remote only
-  after the newer ones committed before the prune have been uploaded, and only if a newer complete
-  checkpoint is on the remote, so the remote never loses its newest checkpoint to a prune. A pruned checkpoint whose upload has not started is not
-  uploaded at all; one being uploaded is deleted, remotely and locally, once that upload is done.
+- If an upload fails, nothing after it in the queue runs, and nothing new is queued until the error
+  has been raised by the next ``flush()`` or ``write()`` (no manifest over a missing payload, no
+  deletion of an older checkpoint that the failed one was to replace); what was not uploaded stays
+  in the staging folder. Independently of timing, a manifest is uploaded only after every file it
+  lists has been uploaded, with the sha256 it lists.
+- Retention's deletions are queued behind the uploads, and a checkpoint leaves the remote (and the
+  staging folder) only once a newer one is complete on the remote: the remote never loses its
+  newest checkpoint to a prune. A pruned checkpoint whose upload has not started is not uploaded at
+  all; one whose upload has started is finished first (cancelling it could leave the remote with
+  nothing new for as long as uploads lag behind saves), then deleted.
 - The staging folder keeps what is not yet uploaded plus the newest uploaded checkpoint (for a fast
   local resume when the machine survives); older uploaded copies are deleted as soon as a newer
   checkpoint is fully uploaded.
@@ -24,9 +27,9 @@ Why the remote stays crash-consistent:
   (a crash between the local commit and the end of its upload) are queued for upload again, payload
   first, manifest last.
 
-Every rank builds its storage, but only rank 0 writes: the uploader thread starts at the first
-``write()``, ``remove_dir()`` or ``flush()``, so ranks that only read never upload or delete, and
-never race rank 0 over the same staging folder.
+The uploader thread starts at the first ``write()``, ``remove_dir()`` or ``flush()`` and ends
+whenever the queue is empty, so a process that only reads (a tool, a rank other than 0 handed a
+StagedStorage) never uploads or deletes, and never races the writer over the same staging folder.
 
 Uploads are not retried here: the remote's client already retries transient errors (botocore, s3fs).
 """
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import threading
+import traceback
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -85,6 +89,7 @@ class StagedStorage:
         self._error: Optional[CheckpointError] = None
         self._removing: set[str] = set()  # folders with a queued or running REMOVE
         self._uploaded: set[str] = set()  # folders fully on the remote whose local copy is still here
+        self._published: dict[str, str] = {}  # file -> sha256 of what this process uploaded
         self._newest_uploaded = -1  # step of the newest checkpoint this process saw complete remotely
         self._thread: Optional[threading.Thread] = None
         self._queue.extend(_Task(RECOVER, name) for name in self._complete_locally())
@@ -103,18 +108,22 @@ class StagedStorage:
                    for task in self._queue):  # rewriting a queued checkpoint: its new files are
                 self._drop(lambda task: task.folder == folder)  # queued again, in order, below
         size, digest = self.local.write(rel, fill)
-        self._submit(_Task(UPLOAD, rel, digest))
+        with self._lock:
+            self._enqueue(_Task(UPLOAD, rel, digest))
         return size, digest
 
     def remove_dir(self, rel: str) -> None:
         """Queue the deletion of a checkpoint folder, remotely then locally, behind the uploads
-        already queued. Its uploads that have not started are cancelled; a running one finishes."""
+        already queued. If its upload has not started, it is cancelled; a started one finishes."""
         with self._lock:
-            if rel in self._removing:
-                return
-            self._drop(lambda task: task.folder == rel)
+            if rel in self._removing or self._error is not None:
+                return  # queued already, or refused after a failure (pruned again later)
+            started = any(_folder(done) == rel for done in self._published) or (
+                self._active is not None and self._active.kind != REMOVE and self._active.folder == rel)
+            if not started:  # once started, an upload is finished: cancelling it could starve the
+                self._drop(lambda task: task.folder == rel)  # remote when uploads lag behind saves
             self._removing.add(rel)
-        self._submit(_Task(REMOVE, rel))
+            self._enqueue(_Task(REMOVE, rel))
 
     def flush(self) -> None:
         """Wait until every queued upload and removal is done; raise the first failure (once)."""
@@ -178,11 +187,13 @@ class StagedStorage:
         return sorted((name for name in found if self._complete_here(name)), key=_step)
 
     # ----- the queue (caller side) ----------------------------------------------------------------
-    def _submit(self, task: _Task) -> None:
-        with self._lock:
-            self._queue.append(task)
-            self._start()
-            self._lock.notify_all()
+    def _enqueue(self, task: _Task) -> None:
+        """Queue a task, unless a failure is waiting to be reported: then nothing new is uploaded
+        (in particular no manifest whose payload just failed); it stays staged. Caller holds the lock."""
+        if self._error is not None:
+            return
+        self._queue.append(task)
+        self._start()
 
     def _drop(self, doomed: Callable[[_Task], bool]) -> None:
         """Remove queued (not running) tasks; caller holds the lock."""
@@ -190,7 +201,7 @@ class StagedStorage:
         self._queue = deque(kept)
 
     def _start(self) -> None:
-        """Start the uploader on first use; caller holds the lock."""
+        """Start the uploader unless it is running; caller holds the lock."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"harness-upload:{self.root}",
                                             daemon=True)  # flush() is what waits for it
@@ -204,9 +215,13 @@ class StagedStorage:
 
     # ----- the uploader thread --------------------------------------------------------------------
     def _run(self) -> None:
+        """Work through the queue, then end (the next submission starts a new thread), so no idle
+        thread outlives the work or keeps this object alive."""
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._queue)
+                if not self._queue:
+                    self._thread = None
+                    return
                 task = self._active = self._queue.popleft()
             try:
                 self._perform(task)
@@ -215,8 +230,6 @@ class StagedStorage:
             finally:
                 with self._lock:
                     self._active = None
-                    if task.kind == REMOVE:
-                        self._removing.discard(task.rel)
                     self._lock.notify_all()
 
     def _perform(self, task: _Task) -> None:
@@ -238,7 +251,9 @@ class StagedStorage:
             f"{type(error).__name__}: {error}; the staged checkpoints are kept and uploaded again "
             "when the run restarts. HINT: check that checkpoint.dir is writable (credentials, "
             "permissions, space) and reachable")
-        failure.__cause__ = error
+        # Not chained with `from`: CheckpointStore.commit reports the innermost OSError of a chain,
+        # which would hide this message (which file, which remote). The traceback rides as a note.
+        failure.add_note("the upload's error:\n" + "".join(traceback.format_exception(error)).rstrip())
         with self._lock:
             if self._error is None:
                 self._error = failure
@@ -247,11 +262,26 @@ class StagedStorage:
 
     def _upload(self, rel: str, sha256: Optional[str]) -> None:
         """Stream the staged file to the remote in chunks; check it was read as it was written."""
+        if os.path.basename(rel) == MANIFEST_NAME:
+            self._check_files_published(rel)
         with self.local.open_read(rel) as source:
             _, digest = self.remote.write(rel, lambda handle: _copy(source, handle))
         if sha256 is not None and digest != sha256:
             raise CheckpointError(f"{self.local.root}/{rel} changed after it was written "
                                   f"(sha256 {digest}, written as {sha256})")
+        with self._lock:
+            self._published[rel] = digest
+
+    def _check_files_published(self, manifest_rel: str) -> None:
+        """Manifest last: refuse to publish a manifest before every file it lists is on the remote."""
+        folder = _folder(manifest_rel)
+        files = json.loads(self.local.read_bytes(manifest_rel))["files"]
+        with self._lock:
+            missing = [name for name, expected in sorted(files.items())
+                       if self._published.get(f"{folder}/{name}") != expected["sha256"]]
+        if missing:
+            raise CheckpointError(f"not uploading {self.local.root}/{manifest_rel}: its "
+                                  f"{', '.join(missing)} did not reach {self.root}/{folder}")
 
     def _recover(self, folder: str) -> None:
         """Upload a checkpoint found complete in the staging folder unless the remote has it already:
@@ -295,10 +325,19 @@ class StagedStorage:
                     self._remove_local(name)  # under the lock: a write() to it cannot interleave
 
     def _remove(self, folder: str) -> None:
-        """Delete a pruned checkpoint remotely, then locally, unless nothing newer is complete on the
-        remote (an upload before it failed): then it may be the remote's newest and is kept, both
-        sides, to be pruned again once a newer one is up."""
-        if not self._newer_on_remote(_step(folder)):
+        """Delete a pruned checkpoint remotely, then locally, once a newer checkpoint is complete on
+        the remote. Until then it may be the remote's newest: the removal waits behind a newer
+        upload still queued, or, with none left (one failed), is dropped and the folder kept on both
+        sides, listed again and pruned again later."""
+        step = _step(folder)
+        with self._lock:
+            if self._newest_uploaded <= step and any(
+                    task.kind != REMOVE and _step(task.folder) > step for task in self._queue):
+                self._queue.append(_Task(REMOVE, folder))  # again, behind that upload
+                return
+        if not self._newer_on_remote(step):
+            with self._lock:
+                self._removing.discard(folder)
             return
         try:
             self.remote.remove_dir(folder)
@@ -306,8 +345,12 @@ class StagedStorage:
             pass
         with self._lock:
             self._remove_local(folder)
+            for rel in [rel for rel in self._published if _folder(rel) == folder]:
+                del self._published[rel]
+            self._removing.discard(folder)
 
     def _newer_on_remote(self, step: int) -> bool:
+        """Whether a checkpoint newer than ``step`` is complete on the remote."""
         with self._lock:
             if self._newest_uploaded > step:
                 return True

@@ -3,35 +3,55 @@
 Exit codes: 0 finished, 75 preempted (checkpoint saved, restart me), 1 error, 130 second Ctrl-C.
 Started by the local launcher as ``python -m harness.worker CONFIG.yaml``; the SLURM and direct
 launchers call ``run_worker`` in-process.
+
+The stop-signal handlers are installed before torch is imported (about 2 s of start-up): a SIGTERM
+that reaches a rank while it starts is then a stop request, not a crash.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
+from typing import Optional
 
 import yaml
 
-from harness.config import ConfigError, validate
-from harness.env import read_env
-from harness.preempt import Preempted
-from harness.session import Session
-from harness.task import run_task
+from harness.signals import StopFlag
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-def run_worker(config_data: dict) -> int:
+def install_stop_flag(config_data: dict) -> StopFlag:
+    """Handlers for the configured stop signals, installed now (validation comes later)."""
+    flag = StopFlag()
+    flag.install([str(name) for name in (config_data.get("preempt") or {}).get("signals", [])])
+    return flag
+
+
+def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
     """Train one rank from plain config data; returns the process exit code."""
+    import logging
+
+    # Imported here, after the caller could install stop handlers: these pull in torch.
+    from harness.config import validate
+    from harness.env import read_env
+    from harness.preempt import Preempted
+    from harness.session import Session
+    from harness.task import run_task
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = validate(config_data)
+    try:
+        cfg = validate(config_data)
+    except Exception:
+        if flag is not None:
+            flag.uninstall()
+        raise
     env = read_env()
     try:
-        with Session(cfg, env=env, config_data=config_data) as session:
+        with Session(cfg, env=env, config_data=config_data, flag=flag) as session:
             run_task(session, cfg.task)
     except Preempted as stop:
         print(f"[rank {env.rank}] stopped at step {stop.step} ({stop.reason})", file=sys.stderr, flush=True)
@@ -49,9 +69,10 @@ def main(argv: list[str]) -> int:
         return 2
     with open(argv[0]) as handle:
         config_data = yaml.safe_load(handle)
+    flag = install_stop_flag(config_data)
     try:
-        return run_worker(config_data)
-    except ConfigError as error:
+        return run_worker(config_data, flag)
+    except ValueError as error:  # ConfigError and OmegaConf's validation errors
         print(f"config error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except Exception:

@@ -14,7 +14,8 @@ import torch
 from conftest import (assert_same_training, kill_tree, metrics, run_launch, start_launch, stop_lines,
                       steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE, validate
-from harness.preempt import Preempted, StopFlag, notice_present
+from harness.preempt import Preempted, auto_interval, notice_present
+from harness.signals import StopFlag
 from harness.session import Session
 
 LONG = ("trainer.max_steps=160",)
@@ -101,21 +102,23 @@ def test_group_sigterm_with_dataloader_workers_saves(tmp_path):
 def test_local_auto_restart_survives_several_preemptions(tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
-    launcher = start_launch(ckpt_dir, "launcher.max_restarts=3", log_path=log)
+    # check_every=1 stops one step after the signal (the agreement interval never changes training).
+    launcher = start_launch(ckpt_dir, "launcher.max_restarts=3", "preempt.check_every=1", log_path=log)
     try:
-        seen = set()
-        for target in (20, 60, 100):
+        seen: set[int] = set()
+        for attempt, target in enumerate((20, 60, 100)):
             pids = wait_for(lambda: (lambda p: p if set(p.values()) - seen else None)(worker_pids(launcher)),
                             what="a new set of workers")
             seen |= set(pids.values())
-            _wait_past(ckpt_dir, target)
+            wait_for(lambda: log.read_text().count("resumed from") >= attempt, what=f"resume #{attempt}")
+            _wait_past(ckpt_dir, max(target, max(metrics(ckpt_dir), default=0) + 5))
             os.kill(pids[1], signal.SIGTERM)
         assert launcher.wait(timeout=120) == 0, log.read_text()
     finally:
         if launcher.poll() is None:
             kill_tree(launcher)
     output = log.read_text()
-    assert output.count("job preempted: restarting it") == 3
+    assert output.count("job preempted: restarting it") == 3, output
     assert_same_training(ckpt_dir, reference)
 
 
@@ -152,6 +155,13 @@ def test_spot_notice_from_a_local_metadata_server_stops_the_job(tmp_path, refere
     _resume_and_compare(ckpt_dir, reference, step)
 
 
+def test_auto_agreement_interval_keeps_the_check_under_one_percent():
+    assert auto_interval(step_s=0.5, agree_s=0.0003) == 1  # big steps: every step
+    assert auto_interval(step_s=0.008, agree_s=0.0004) == 5  # tiny steps: 0.4 ms per 5 x 8 ms = 1%
+    assert auto_interval(step_s=0.001, agree_s=0.1) == 250  # capped: a stop waits at most ~0.25 s
+    assert auto_interval(step_s=0.0, agree_s=0.001) == 1
+
+
 def test_notice_parsing():
     assert notice_present("aws", b'{"action": "terminate"}', 200)
     assert not notice_present("aws", b"", 404)
@@ -169,7 +179,7 @@ def _session(tmp_path: Path, **trainer) -> Session:
                  "loss": "harness.example.classification_loss"},
         "trainer": {"max_steps": 30, "num_threads": 1, **trainer},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 5, "keep_last": 0},
-        "preempt": {"signals": ["SIGTERM", "SIGUSR1", "SIGINT"]},
+        "preempt": {"signals": ["SIGTERM", "SIGUSR1", "SIGINT"], "check_every": 1},
     })
     return Session(cfg)
 
@@ -297,3 +307,31 @@ def test_sigterm_to_the_launcher_during_start_up_still_means_restart_me(tmp_path
     output = log.read_text()
     assert code == PREEMPTED_EXIT_CODE, output
     assert "failed with" not in output
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (the SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_sigterm_to_a_rank_while_it_imports_torch_is_a_stop_request(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    log = tmp_path / "job.log"
+    launcher = start_launch(ckpt_dir, log_path=log)
+    try:
+        pids = worker_pids(launcher)
+        wait_for(lambda: _catches(pids[1], signal.SIGTERM), timeout=30, what="rank 1's early handler")
+        os.kill(pids[1], signal.SIGTERM)  # typically still importing torch: no Session yet
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    output = log.read_text()
+    assert code == PREEMPTED_EXIT_CODE, output
+    assert "failed with" not in output
+    stops = stop_lines(output)
+    assert set(stops) == {0, 1} and len(set(stops.values())) == 1
+    assert steps_with_saves(ckpt_dir) == [stops[0]]

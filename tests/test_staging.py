@@ -106,8 +106,8 @@ def _staged(tmp_path: Path, remote) -> CheckpointStore:
     return CheckpointStore(StagedStorage(LocalStorage(str(tmp_path / "stage")), remote))
 
 
-def _uploader_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("harness-upload")]
+def _uploader_threads(storage: StagedStorage) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"harness-upload:{storage.root}"]
 
 
 # ----- the upload: order, streaming, completeness -----------------------------------------------------
@@ -162,23 +162,26 @@ def test_staging_folder_keeps_only_what_is_not_uploaded_and_the_newest(tmp_path)
 
 
 # ----- retention ------------------------------------------------------------------------------------
-def test_prune_keeps_local_copy_until_its_upload_is_done(tmp_path):
+def test_prune_deletes_nothing_before_its_upload_is_done_and_skips_unstarted_uploads(tmp_path):
     remote = GatedRemote(tmp_path / "remote")
     store = _staged(tmp_path, remote)
     remote.gate.clear()
     _commit(store, 10)
     wait_for(lambda: remote.started, what="upload of step 10")  # its payload is being uploaded
-    _commit(store, 20)
-    assert [ref.step for ref in store.prune(Retention(keep_last=1))] == [10]
-    assert [ref.step for ref in store.list_complete()] == [20]  # pruned, as far as the caller sees
-    assert (tmp_path / "stage" / step_dir_name(10) / PAYLOAD_NAME).exists()  # still being read
+    _commit(store, 20)  # queued behind it
+    _commit(store, 30)
+    assert [ref.step for ref in store.prune(Retention(keep_last=1))] == [10, 20]
+    assert [ref.step for ref in store.list_complete()] == [30]  # pruned, as far as the caller sees
+    for step in (10, 20):  # but no staged copy is deleted before the remote has something newer
+        assert (tmp_path / "stage" / step_dir_name(step) / MANIFEST_NAME).exists()
     remote.gate.set()
     store.storage.flush()
-    # step 10's manifest upload was cancelled; it is deleted only after step 20 is complete remotely
-    assert remote.done == [("write", f"{step_dir_name(10)}/{PAYLOAD_NAME}"),
-                           *[("write", rel) for rel in _files(20)], ("remove", step_dir_name(10))]
+    # 10's upload had started, so it was finished; 20's had not, so it never happened; both were
+    # deleted only after 30 was complete on the remote
+    assert remote.done == [*[("write", rel) for rel in _files(10) + _files(30)], ("remove", step_dir_name(10))]
+    assert not any(rel.startswith(step_dir_name(20)) for rel in remote.started)
     assert remote.removed_without_newer == []
-    assert sorted(os.listdir(tmp_path / "remote")) == sorted(os.listdir(tmp_path / "stage")) == [step_dir_name(20)]
+    assert os.listdir(tmp_path / "remote") == os.listdir(tmp_path / "stage") == [step_dir_name(30)]
 
 
 def test_many_saves_with_slow_uploads_never_leave_the_remote_without_a_checkpoint(tmp_path):
@@ -207,9 +210,11 @@ def test_many_saves_with_slow_uploads_never_leave_the_remote_without_a_checkpoin
 def test_upload_to_unwritable_remote_fails_flush_and_keeps_local_checkpoint(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the remote folder should be")
-    remote = LocalStorage(str(blocker / "remote"))  # every write fails: NotADirectoryError
+    remote = GatedRemote(blocker / "remote")  # every real write fails: NotADirectoryError
     store = _staged(tmp_path, remote)
+    remote.gate.clear()  # so the failure comes after the commit, not during it (see the next test)
     _commit(store, 10)  # the commit itself succeeds: it is staged locally
+    remote.gate.set()
     with pytest.raises(CheckpointError, match=rf"could not upload {remote.root}/step_000000010/state.pt"):
         store.storage.flush()
     assert CheckpointStore(LocalStorage(str(tmp_path / "stage"))).latest_valid().step == 10  # kept
@@ -221,16 +226,15 @@ def test_upload_failure_surfaces_on_next_write_and_manifest_stays_unpublished(tm
     remote = GatedRemote(tmp_path / "remote", fail=lambda rel: rel in failing)
     store = _staged(tmp_path, remote)
     _commit(store, 10)
+    remote.gate.clear()  # the failure comes after commit 20 returned ...
     _commit(store, 20)
-    wait_for(lambda: store.storage.pending == 0, what="the uploader to stop")
+    remote.gate.set()
+    wait_for(lambda: store.storage.pending == 0, what="the uploader to stop")  # ... and before 30
     with pytest.raises(CheckpointError) as raised:
         _commit(store, 30)
-    chain, error = [], raised.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
-    assert any(f"could not upload {remote.root}/step_000000020/state.pt" in text and "No space left" in text
-               for text in chain), chain
+    message = str(raised.value)  # commit's message carries the upload's: which file, which remote, why
+    assert f"could not upload {remote.root}/step_000000020/state.pt" in message, message
+    assert "No space left on device (injected)" in message
     assert not (tmp_path / "stage" / step_dir_name(30)).exists()  # refused before writing anything
     assert _steps(tmp_path / "remote") == [10]  # no manifest over the payload that failed
     assert not (tmp_path / "remote" / step_dir_name(20)).exists()
@@ -247,7 +251,9 @@ def test_prune_after_a_failed_upload_keeps_the_remotes_newest_checkpoint(tmp_pat
     remote = GatedRemote(tmp_path / "remote", fail=lambda rel: rel.startswith(step_dir_name(20)))
     store = _staged(tmp_path, remote)
     _commit(store, 10)
+    remote.gate.clear()
     _commit(store, 20)
+    remote.gate.set()
     with pytest.raises(CheckpointError, match="step_000000020"):
         store.storage.flush()
     store.prune(Retention(keep_last=1))  # retention sees 20 (staged) and drops 10 ...
@@ -273,8 +279,9 @@ def test_construction_uploads_checkpoints_a_crash_left_staged_only(tmp_path):
     storage = StagedStorage(LocalStorage(str(stage)), remote)
     store = CheckpointStore(storage)
     assert store.latest_valid().step == 30  # readers see the staged copies at once ...
-    assert remote.started == [] and _uploader_threads() == []  # ... and nothing uploads until a write/flush
-    storage.flush()
+    assert remote.started == [] and _uploader_threads(storage) == []  # ... nothing uploads before a
+    storage.flush()  # write or flush: ranks that only read never upload
+    wait_for(lambda: not _uploader_threads(storage), what="the idle uploader thread to end")
     assert remote.done == [("write", rel) for rel in _files(20) + _files(30)]  # 10 was already there
     assert _steps(remote_dir) == [10, 20, 30]
     assert CheckpointStore(LocalStorage(str(remote_dir))).latest_valid().step == 30

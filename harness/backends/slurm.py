@@ -138,17 +138,19 @@ class SlurmEntry:
 
     def __call__(self) -> dict:
         from harness.config import validate
-        from harness.worker import run_worker
+        from harness.worker import install_stop_flag, run_worker
 
         started = time.monotonic()
         # submitit's handlers requeue from inside the handler, on rank 0 alone, and the harness would
-        # chain to them. The harness agrees across ranks, saves, then requeues: take them out.
+        # chain to them. The harness agrees across ranks, saves, then requeues: take them out, and
+        # record stop signals from now on.
         for signum in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
+        flag = install_stop_flag(self.config_data)
         env = read_env()
         launcher = validate(self.config_data).launcher
         announce(env)
-        code = run_worker(self.config_data)
+        code = run_worker(self.config_data, flag)
         if code == PREEMPTED_EXIT_CODE:
             requeue_after_preemption(env, launcher, time.monotonic() - started)
             return {"status": "preempted", "rank": env.rank}
