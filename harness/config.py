@@ -81,7 +81,7 @@ class CheckpointConfig:
 class PreemptConfig:
     signals: List[str] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"])  # signals that mean "save and stop"
-    check_every: int = 0  # steps between cross-rank agreements (one tiny all-reduce); 0: auto (<1% of step time, <=1 s apart)
+    check_every: int = 0  # steps between cross-rank agreements (one tiny all-reduce); 0: auto (<1% of step time, <=0.25 s apart)
     grace_s: float = 30.0  # seconds between the signal and a hard kill (k8s/GCP 30, AWS spot 120)
     spot: Optional[str] = None  # poll a cloud termination notice: "aws", "gcp" or null
     spot_url: Optional[str] = None  # notice endpoint; null: the provider's metadata URL

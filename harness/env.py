@@ -7,6 +7,7 @@ variables (``SLURM_PROCID`` ...), and falls back to a single process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -91,7 +92,7 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(environ, "MASTER_PORT", 29500),
         source="torchrun",
-        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
+        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0) or _int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
     )
 
 
@@ -132,9 +133,13 @@ def first_host(nodelist: str) -> str:
 
 
 def slurm_port(job_key: str) -> int:
-    """A port in [20000, 40000) derived from the job id, identical on every task and requeue."""
-    digits = int(re.sub(r"\D", "", job_key) or "0")
-    return SLURM_PORT_BASE + digits % SLURM_PORT_SPAN
+    """A port in [20000, 40000) derived from the job id, identical on every task and requeue.
+
+    A hash, not the id modulo the span: ids that differ by a multiple of the span (or a trailing
+    array index) must not collide on a shared node.
+    """
+    digest = hashlib.sha256(job_key.encode()).digest()
+    return SLURM_PORT_BASE + int.from_bytes(digest[:4], "big") % SLURM_PORT_SPAN
 
 
 def free_port() -> int:

@@ -38,9 +38,12 @@ def launch(cfg: DictConfig) -> int:
 
         return run_local(config_data, typed.launcher)
     if backend == "direct":
+        from harness.worker import install_stop_flag
+
+        flag = install_stop_flag(config_data)  # before the imports below pull in torch
         from harness.backends.direct import run_direct
 
-        return run_direct(config_data)
+        return run_direct(config_data, flag)
     from harness.backends.slurm import submit
 
     return submit(config_data, typed)

@@ -82,7 +82,7 @@ class Session:
 
     # ----- set-up and tear-down -------------------------------------------------------------------
     def _setup(self) -> None:
-        threads = self.cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size)
+        threads = self.cfg.trainer.num_threads or default_threads(self.env.local_world_size)
         torch.set_num_threads(threads)
         if self.env.uses_cuda:
             torch.cuda.set_device(self.env.device)
@@ -228,7 +228,7 @@ class Session:
             if self.cfg.checkpoint.init_from:
                 self._init_from(self.cfg.checkpoint.init_from)
         else:
-            self._restore(ref)
+            self._restore_everywhere(ref)
         self._reporter.start_step = self.progress.step
         self._reporter.started = time.perf_counter()
 
@@ -247,12 +247,19 @@ class Session:
 
     def _choose_checkpoint(self) -> Optional[CheckpointRef]:
         """Rank 0 verifies and picks; every rank loads the same one."""
-        chosen = [None]
+        chosen: list = [None, None]  # [checkpoint, error message]
         if self.env.is_main:
-            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
-            chosen[0] = self.store.latest_valid(checksum=self.cfg.checkpoint.verify)
+            try:
+                self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
+                chosen[0] = self.store.latest_valid(checksum=self.cfg.checkpoint.verify)
+            except Exception as error:  # every rank must learn it, or they wait in the broadcast
+                chosen[1] = f"{type(error).__name__}: {error}"
+                if not dist.is_initialized():
+                    raise
         if dist.is_initialized():
             dist.broadcast_object_list(chosen, src=0)
+        if chosen[1] is not None:
+            raise CheckpointError(f"rank 0 could not look for checkpoints in {self.store.root}: {chosen[1]}")
         return chosen[0]
 
     def _load_payload(self, ref: CheckpointRef) -> dict:
@@ -262,6 +269,21 @@ class Session:
         payload = torch_load(source, map_location=self.env.device,
                              unsafe=self.cfg.checkpoint.unsafe_load, mmap=path is not None)
         return check_payload(payload, f"{self.store.root}/{rel}")
+
+    def _restore_everywhere(self, ref: CheckpointRef) -> None:
+        """Restore on every rank; if any rank fails, all of them raise (none waits in a collective)."""
+        error = None
+        try:
+            self._restore(ref)
+        except Exception as exc:
+            error = exc
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=self.env.device)
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise CheckpointError(f"another rank failed to load {self.store.root}/{ref.name}; see its log")
 
     def _restore(self, ref: CheckpointRef) -> None:
         started = time.perf_counter()
@@ -367,7 +389,7 @@ class Session:
                 error = exc
         outcome = [None if error is None else f"{type(error).__name__}: {error}"]
         if dist.is_initialized():
-            dist.broadcast_object_list(outcome, src=0)  # also the barrier: rank 0 has committed
+            dist.broadcast_object_list(outcome, src=0)  # rank 0 committed (async: submitted)
         if outcome[0] is not None:
             raise CheckpointError(f"rank 0 failed to save step {self.progress.step}: {outcome[0]}") from error
         self.last_saved_step = self.progress.step
@@ -377,10 +399,22 @@ class Session:
                 self.say("WARNING: " + warning)
 
     def _flush_writes(self) -> None:
-        """Rank 0: wait until the last checkpoint is committed (and uploaded, when staging)."""
+        """Wait until the last checkpoint is committed (and uploaded, when staging); a collective.
+
+        Rank 0 flushes and tells every rank the outcome, so no rank reports a save that failed.
+        """
+        error = None
         if self.writer is not None:
-            self.writer.flush()
-            self.store.storage.flush()
+            try:
+                self.writer.flush()
+                self.store.storage.flush()
+            except Exception as exc:
+                error = exc
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise CheckpointError(f"rank 0 failed to commit step {self.last_saved_step}: {outcome[0]}") from error
 
     def _gather_rng(self) -> list:
         state = capture_rng()
@@ -401,6 +435,18 @@ class Session:
             self._reporter.message(text)
         elif self.env.is_main:
             print(f"[harness] {text}", flush=True)
+
+
+def default_threads(local_world_size: int) -> int:
+    """CPU threads per rank: the CPUs this process may run on (SLURM/cgroup affinity), shared by the
+    node's ranks when they all see the whole machine."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    if usable >= (os.cpu_count() or 1):  # no affinity limit: the node's ranks share every core
+        usable //= max(1, local_world_size)
+    return max(1, usable)
 
 
 def _read_remote(store: CheckpointStore, rel: str):

@@ -116,6 +116,7 @@ class LocalStorage:
         """Write ``rel`` atomically; returns (bytes, sha256 hex). Leaves nothing behind on failure."""
         final = self._path(rel)
         folder = os.path.dirname(final)
+        created = not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         temp = f"{final}.tmp-{os.getpid()}"
         try:
@@ -126,6 +127,8 @@ class LocalStorage:
             _remove_quietly(temp)
             raise
         _fsync_dir(folder)
+        if created:  # the new folder's own entry must be durable too, or the checkpoint can vanish
+            _fsync_dir(os.path.dirname(folder))
         return size, digest
 
     @staticmethod
@@ -191,7 +194,9 @@ def open_storage(root: str, staging_dir: Optional[str] = None) -> Storage:
     if staging_dir:
         from harness.staging import StagedStorage
 
-        return StagedStorage(LocalStorage(staging_dir), open_storage(root))
+        # One subfolder per destination, so runs sharing a staging disk never see each other's files.
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", root).strip("_")
+        return StagedStorage(LocalStorage(os.path.join(staging_dir, slug)), open_storage(root))
     if root.startswith("file://"):
         root = root[len("file://"):]
     if "://" in root:
@@ -223,11 +228,16 @@ class Retention:
     keep_best: int = 0
     best_mode: str = "min"
 
-    def to_delete(self, refs: Iterable[CheckpointRef]) -> list[CheckpointRef]:
+    def to_delete(self, refs: Iterable[CheckpointRef], current: Optional[int] = None) -> list[CheckpointRef]:
+        """The checkpoints to delete. ``current`` is the step just written: it is always kept, and
+        checkpoints of later steps (left by another run in the same folder, or a corrupt newest one
+        that resume skipped) neither count towards keep_last nor get deleted."""
         ordered = sorted(refs, key=lambda ref: ref.step)
+        if current is not None:
+            ordered = [ref for ref in ordered if ref.step <= current]
         if not self.keep_last:
             return []
-        keep = {ref.step for ref in ordered[-self.keep_last:]}
+        keep = {ref.step for ref in ordered[-self.keep_last:]} | ({current} if current is not None else set())
         if self.keep_every:
             keep |= {ref.step for ref in ordered if ref.step % self.keep_every == 0}
         if self.keep_best:
@@ -341,10 +351,11 @@ class CheckpointStore:
             warnings.warn(f"skipping corrupt checkpoint {self.root}/{ref.name}: " + "; ".join(found), stacklevel=2)
         return None
 
-    def prune(self, retention: Retention) -> list[CheckpointRef]:
-        """Delete what the retention policy drops, and partial folders older than the newest complete one."""
+    def prune(self, retention: Retention, current: Optional[int] = None) -> list[CheckpointRef]:
+        """Delete what the retention policy drops (see Retention.to_delete for ``current``), and
+        partial folders older than the newest complete one."""
         refs = self.list_complete()
-        doomed = retention.to_delete(refs)
+        doomed = retention.to_delete(refs, current)
         for ref in doomed:
             self.storage.remove_dir(ref.name)
         if refs:

@@ -45,10 +45,11 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = validate(config_data)
-    except Exception:
+    except ValueError as error:  # ConfigError and OmegaConf's validation errors
         if flag is not None:
             flag.uninstall()
-        raise
+        print(f"config error: {error}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     env = read_env()
     try:
         with Session(cfg, env=env, config_data=config_data, flag=flag) as session:
@@ -72,9 +73,6 @@ def main(argv: list[str]) -> int:
     flag = install_stop_flag(config_data)
     try:
         return run_worker(config_data, flag)
-    except ValueError as error:  # ConfigError and OmegaConf's validation errors
-        print(f"config error: {error}", file=sys.stderr)
-        return EXIT_ERROR
     except Exception:
         rank = os.environ.get("RANK", "?")
         print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

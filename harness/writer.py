@@ -104,7 +104,7 @@ class CheckpointWriter:
     def _commit(self, step: int, payload: dict, info: dict, started: float) -> None:
         self.last_ref = self.store.commit(step, lambda handle: torch.save(payload, handle), info)
         self.last_save_s = time.perf_counter() - started
-        self.store.prune(self.retention)
+        self.store.prune(self.retention, current=step)
 
     def _background(self, step: int, payload: dict, info: dict, started: float) -> None:
         _lower_thread_priority()

@@ -314,6 +314,8 @@ def test_reads_prefer_complete_staged_copy_then_remote(tmp_path):
 def test_commit_through_staging_reaches_s3_identical(moto_server, s3_url, tmp_path):
     storage = open_storage(s3_url, str(tmp_path / "stage"))
     assert isinstance(storage, StagedStorage) and storage.root == s3_url
+    stage = Path(storage.local.root)
+    assert stage.parent == tmp_path / "stage", "each destination stages in its own subfolder"
     store = CheckpointStore(storage)
     for step in (10, 20):
         _commit(store, step, size=3 << 20)
@@ -323,9 +325,20 @@ def test_commit_through_staging_reaches_s3_identical(moto_server, s3_url, tmp_pa
     prefix = s3_url.removeprefix(f"s3://{BUCKET}/")
     for rel in _files(20):
         body = client.get_object(Bucket=BUCKET, Key=f"{prefix}/{rel}")["Body"].read()
-        assert hashlib.sha256(body).hexdigest() == _sha(tmp_path / "stage" / rel)
+        assert hashlib.sha256(body).hexdigest() == _sha(stage / rel)
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 20  # verifies sha256 too
-    assert os.listdir(tmp_path / "stage") == [step_dir_name(20)]
+    assert os.listdir(stage) == [step_dir_name(20)]
+
+
+def test_runs_sharing_a_staging_folder_never_see_each_other(tmp_path):
+    shared = str(tmp_path / "stage")
+    run_a = CheckpointStore(open_storage(str(tmp_path / "a"), shared))
+    _commit(run_a, 500)
+    run_a.storage.flush()
+    run_b = CheckpointStore(open_storage(str(tmp_path / "b"), shared))
+    assert run_b.latest_valid() is None, "run B saw run A's staged checkpoint"
+    run_b.storage.flush()
+    assert not (tmp_path / "b").exists(), "run A's checkpoint was uploaded into run B's folder"
 
 
 KILLED_UPLOADER = """
@@ -387,7 +400,8 @@ def test_launcher_stages_to_s3_and_a_run_without_staging_resumes_from_it(moto_se
     assert f"no checkpoint in {s3_url}: starting fresh" in first.stdout
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 40
     assert _keys(moto_server, s3_url) == sorted(rel for step in (20, 40) for rel in _files(step))
-    assert os.listdir(stage) == [step_dir_name(40)]
+    (destination,) = os.listdir(stage)  # one subfolder per destination
+    assert os.listdir(stage / destination) == [step_dir_name(40)]
     second = _launch(f"checkpoint.dir={s3_url}", "trainer.max_steps=60")
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 60

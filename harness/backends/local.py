@@ -22,7 +22,10 @@ import yaml
 from harness.config import PREEMPTED_EXIT_CODE, LocalLauncherConfig
 from harness.env import free_port
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
+# one they do not handle would kill them mid-training without a save. SIGHUP (terminal closed) is
+# passed on as SIGTERM.
+CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 POLL_S = 0.05
 KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
 
@@ -40,14 +43,27 @@ class WorkerGroup:
     """The processes of one attempt, and the signals the launcher itself received."""
 
     procs: list[subprocess.Popen]
+    stop_signals: frozenset[int]  # what the ranks handle (preempt.signals)
     signals_received: list[int] = field(default_factory=list)
+
+    def translate(self, signum: int) -> Optional[int]:
+        """The signal to send the ranks for one the launcher caught, or None to send nothing."""
+        if signum in self.stop_signals:
+            return signum
+        if signum == signal.SIGHUP and signal.SIGTERM in self.stop_signals:
+            return signal.SIGTERM
+        return None
 
     def forward(self, signum: int, frame) -> None:
         self.signals_received.append(signum)
+        target = self.translate(signum)
+        if target is None:
+            say(f"{signal.Signals(signum).name} is not in preempt.signals: not forwarded to the ranks")
+            return
         for proc in self.procs:
             if proc.poll() is None:
                 try:
-                    os.kill(proc.pid, signum)
+                    os.kill(proc.pid, target)
                 except ProcessLookupError:
                     pass
 
@@ -67,17 +83,18 @@ def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int)
 def _unblock_forwarded() -> None:
     # Runs in each child before exec: the launcher blocks these signals while it spawns the ranks,
     # and a blocked mask would be inherited by the worker.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
 
 
-def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int) -> tuple[int, bool]:
+def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
+                stop_signals: frozenset[int]) -> tuple[int, bool]:
     """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
     port = free_port()
-    group = WorkerGroup([])
+    group = WorkerGroup([], stop_signals)
     # A signal that arrives while the ranks are being spawned stays pending until every rank exists,
     # so it is forwarded to all of them, not to the ones started so far.
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    previous = {signum: signal.signal(signum, group.forward) for signum in FORWARDED}
+    signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
+    previous = {signum: signal.signal(signum, group.forward) for signum in CAUGHT}
     try:
         try:
             for rank in range(nproc):
@@ -87,7 +104,7 @@ def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int) ->
                     start_new_session=True,  # only forwarded signals reach the ranks
                     preexec_fn=_unblock_forwarded))
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
         return _wait(group), bool(group.signals_received)
     finally:
         for signum, handler in previous.items():
@@ -99,9 +116,10 @@ def _wait(group: WorkerGroup) -> int:
     failed_at: Optional[float] = None
     while True:
         codes = [proc.poll() for proc in group.procs]
-        # A rank killed by a signal the launcher forwarded was still starting up (no handlers yet):
-        # nothing was lost since the newest checkpoint, so that counts as preempted, not failed.
-        forwarded = {-signum for signum in group.signals_received}
+        # Ranks handle every signal they are sent from the first lines of the worker on, so one
+        # killed by a forwarded signal had not even reached them (interpreter start-up): nothing was
+        # lost since the newest checkpoint, so that counts as preempted, not failed.
+        forwarded = {-target for target in map(group.translate, group.signals_received) if target}
         failures = [(rank, code) for rank, code in enumerate(codes)
                     if code is not None and code not in (0, PREEMPTED_EXIT_CODE) and code not in forwarded]
         if failures and failed_at is None:
@@ -132,6 +150,7 @@ def describe_exit(code: int) -> str:
 def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
     """Run the job, restarting it after a preemption up to ``launcher.max_restarts`` times."""
     nproc = launcher.nproc_per_node or default_nproc()
+    stop_signals = frozenset(signal.Signals[name] for name in config_data["preempt"]["signals"])
     with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
         config_path = os.path.join(folder, "config.yaml")
         with open(config_path, "w") as handle:
@@ -139,7 +158,7 @@ def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
         attempt = 0
         while True:
             say(f"starting {nproc} worker processes (attempt {attempt + 1})")
-            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt)
+            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt, stop_signals)
             if code != PREEMPTED_EXIT_CODE:
                 return code
             if signalled or attempt >= launcher.max_restarts:

@@ -254,6 +254,8 @@ def submit(config_data: dict, cfg: HarnessConfig) -> int:
     except SlurmError as error:
         say(f"SLURM rejected the job: {error}")
         return 2
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     executor = make_executor(cfg, folder)
     try:
         job = executor.submit(SlurmEntry(data))
@@ -262,7 +264,7 @@ def submit(config_data: dict, cfg: HarnessConfig) -> int:
         output = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
         say(f"SLURM rejected the job: {output.strip() or error}")
         return 2
-    except Exception as error:  # submitit wraps sbatch failures in its own error types
+    except (FailedJobError, FailedSubmissionError, OSError) as error:  # submitit's wrappers of sbatch errors
         say(f"SLURM rejected the job: {str(error).strip()}")
         return 2
     say(f"submitted job {job.job_id} ({cfg.name}); logs: {folder}/{job.job_id}_*_log.out|err; "
