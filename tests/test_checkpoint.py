@@ -138,6 +138,14 @@ def test_retention_keeps_last_every_nth_and_best():
     assert delete(Retention(keep_last=0)) == []
 
 
+def test_retention_never_deletes_the_checkpoint_just_written():
+    # Later steps on disk (another run in the folder, or a corrupt newest one that resume skipped)
+    # must not push the new checkpoint out.
+    refs = [_ref(s) for s in (1000, 1100, 1200, 100, 90, 80)]
+    assert [r.step for r in Retention(keep_last=3).to_delete(refs, current=100)] == []
+    assert [r.step for r in Retention(keep_last=1).to_delete(refs, current=100)] == [80, 90]
+
+
 def test_retention_is_computed_from_disk_across_restarts(tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
     _first_leg(ckpt_dir, 40)  # writes step 40 with keep_last=0 (keep all)
