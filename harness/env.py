@@ -12,7 +12,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -34,6 +34,7 @@ class DistEnv:
     master_port: int
     source: str  # "torchrun", "slurm" or "single": which variables the values came from
     restart_count: int = 0  # how many times the scheduler restarted this job (SLURM_RESTART_COUNT)
+    slurm_job: Optional[str] = None  # the id `scontrol requeue` takes: "<array job>_<task>" or the job id
 
     @property
     def is_main(self) -> bool:
@@ -79,6 +80,14 @@ def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> in
         raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
 
 
+def slurm_job_id(environ: Mapping[str, str]) -> Optional[str]:
+    """``<array job>_<task>`` for array jobs, else SLURM_JOB_ID; None outside SLURM."""
+    array_job = environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return environ.get("SLURM_JOB_ID")
+
+
 def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
     world_size = _int(environ, "WORLD_SIZE")
     rank = _int(environ, "RANK")
@@ -93,6 +102,7 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
         master_port=_int(environ, "MASTER_PORT", 29500),
         source="torchrun",
         restart_count=_int(environ, "SLURM_RESTART_COUNT", 0) or _int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+        slurm_job=slurm_job_id(environ),
     )
 
 
@@ -110,6 +120,7 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
         master_port=_int(environ, "MASTER_PORT", 0) or slurm_port(f"{job_id}_{task_id}"),
         source="slurm",
         restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
+        slurm_job=slurm_job_id(environ),
     )
 
 

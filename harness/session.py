@@ -107,7 +107,9 @@ class Session:
     def close(self, barrier: bool = True) -> None:
         """Flush the checkpoint writer, let every rank leave together, restore signal handlers."""
         try:
-            if self.writer is not None:
+            if barrier:
+                self._flush_writes()  # a collective: every rank learns whether the last save landed
+            elif self.writer is not None:
                 self.writer.close()
                 self.store.storage.flush()
             if barrier and dist.is_initialized():

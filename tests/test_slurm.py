@@ -141,10 +141,12 @@ def test_follow_waits_for_the_job_and_reports_its_end(tmp_path):
 
 
 def test_requeue_id_of_array_jobs_and_missing_scontrol(monkeypatch):
-    from harness.backends.slurm import SlurmError, job_id_for_requeue, scontrol
+    from harness.backends.slurm import SlurmError, scontrol
+    from harness.env import read_env
 
-    assert job_id_for_requeue({"SLURM_JOB_ID": "57", "SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "7"}) == "50_7"
-    assert job_id_for_requeue({"SLURM_JOB_ID": "57"}) == "57"
+    task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "57"}
+    assert read_env(task | {"SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "7"}).slurm_job == "50_7"
+    assert read_env(task).slurm_job == "57"
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(SlurmError, match="scontrol is not on PATH"):
         scontrol("requeue", "57")

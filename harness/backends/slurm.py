@@ -54,17 +54,6 @@ def scontrol(*args: str) -> str:
     return result.stdout
 
 
-def job_id_for_requeue(environ=os.environ) -> str:
-    """The id ``scontrol requeue`` needs: ``<array job>_<task>`` for array jobs, else the job id."""
-    array_job = environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job:
-        return f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
-    job_id = environ.get("SLURM_JOB_ID")
-    if not job_id:
-        raise SlurmError("SLURM_JOB_ID is not set: this process is not a SLURM job")
-    return job_id
-
-
 def job_info(job_id: str) -> dict[str, str]:
     """``scontrol show job -o`` as a dict (JobState, Restarts, RunTime, ...)."""
     text = scontrol("show", "job", "-o", job_id)
@@ -106,7 +95,9 @@ def requeue_after_preemption(env: DistEnv, launcher: Optional[SlurmLauncherConfi
     """Rank 0, after the checkpoint is committed: put the job back in the queue (or say why not)."""
     if not env.is_main:
         return
-    job_id = job_id_for_requeue()
+    job_id = env.slurm_job
+    if job_id is None:
+        raise SlurmError("SLURM_JOB_ID is not set: this process is not a SLURM job")
     if launcher is not None and is_time_out(elapsed_s, launcher.timeout_min, launcher.signal_delay_s):
         budget = TimeoutBudget(launcher.folder, launcher.max_timeout_requeues)
         if not budget.spend():
@@ -127,7 +118,7 @@ def requeue_after_preemption(env: DistEnv, launcher: Optional[SlurmLauncherConfi
 def announce(env: DistEnv) -> None:
     """One line per task naming the job and how often SLURM restarted it."""
     say(f"rank {env.rank}/{env.world_size} on {os.uname().nodename}, job "
-        f"{os.environ.get('SLURM_JOB_ID')}, SLURM_RESTART_COUNT={env.restart_count}")
+        f"{env.slurm_job}, SLURM_RESTART_COUNT={env.restart_count}")
 
 
 class SlurmEntry:
