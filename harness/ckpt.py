@@ -49,13 +49,19 @@ class Located:
     ref: Optional[CheckpointRef] = None
 
 
+def is_checkpoint_folder(path: str) -> bool:
+    """One checkpoint (``step_*`` or a folder with a manifest), as opposed to a run's folder."""
+    path = path.rstrip("/") or path
+    return os.path.exists(os.path.join(path, MANIFEST_NAME)) or bool(STEP_DIR.match(os.path.basename(path)))
+
+
 def locate(path: str) -> Located:
     path = path.rstrip("/") or path
     if not os.path.exists(path):
         raise ToolError(f"{path}: no such file or folder")
     if os.path.isfile(path):
         return Located(file=path)
-    if os.path.exists(os.path.join(path, MANIFEST_NAME)) or STEP_DIR.match(os.path.basename(path)):
+    if is_checkpoint_folder(path):
         store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))
         name = os.path.basename(os.path.abspath(path))
         ref = next((r for r in store.list_complete() if r.name == name), None)
@@ -103,16 +109,9 @@ def _import_safetensors(purpose: str) -> Any:
     return safetensors_torch
 
 
-def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(dotted key, tensor) for every tensor in a nested structure."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key in obj:
-            yield from iter_tensors(obj[key], f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for index, item in enumerate(obj):
-            yield from iter_tensors(item, f"{prefix}.{index}" if prefix else str(index))
+    return ((key, value) for key, value in iter_leaves(obj) if isinstance(value, torch.Tensor))
 
 
 def digest(obj: Any) -> str:
@@ -177,7 +176,7 @@ def verify(path: str) -> list[str]:
     """Problems found in one checkpoint folder or every checkpoint of a run folder."""
     if not os.path.isdir(path):
         raise ToolError(f"{path}: not a checkpoint folder")
-    if os.path.exists(os.path.join(path, MANIFEST_NAME)) or STEP_DIR.match(os.path.basename(path.rstrip("/"))):
+    if is_checkpoint_folder(path):
         located = locate(path)
         refs, store = [located.ref], located.store
     else:

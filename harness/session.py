@@ -22,7 +22,7 @@ import datetime
 import logging
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,8 +110,7 @@ class Session:
             if barrier:
                 self._flush_writes()  # a collective: every rank learns whether the last save landed
             elif self.writer is not None:
-                self.writer.close()
-                self.store.storage.flush()
+                self._flush_local()
             if barrier and dist.is_initialized():
                 # Gloo fails fast when a peer is gone: nobody leaves before everybody is done.
                 dist.barrier()
@@ -249,20 +248,30 @@ class Session:
 
     def _choose_checkpoint(self) -> Optional[CheckpointRef]:
         """Rank 0 verifies and picks; every rank loads the same one."""
-        chosen: list = [None, None]  # [checkpoint, error message]
+        def newest_valid() -> Optional[CheckpointRef]:
+            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
+            return self.store.latest_valid(checksum=self.cfg.checkpoint.verify)
+
+        return self._on_rank0(newest_valid, f"rank 0 could not look for checkpoints in {self.store.root}")
+
+    def _on_rank0(self, work: Callable[[], Any], failure: str) -> Any:
+        """Run ``work`` on rank 0 and hand its result to every rank (a collective).
+
+        If it raised, every rank raises a CheckpointError starting with ``failure``, so no rank is
+        left waiting in a later collective for a peer that died.
+        """
+        result, error = None, None
         if self.env.is_main:
             try:
-                self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
-                chosen[0] = self.store.latest_valid(checksum=self.cfg.checkpoint.verify)
-            except Exception as error:  # every rank must learn it, or they wait in the broadcast
-                chosen[1] = f"{type(error).__name__}: {error}"
-                if not dist.is_initialized():
-                    raise
+                result = work()
+            except Exception as exc:  # disk, network, serialization: every rank must learn it
+                error = exc
+        shared = [result, None if error is None else f"{type(error).__name__}: {error}"]
         if dist.is_initialized():
-            dist.broadcast_object_list(chosen, src=0)
-        if chosen[1] is not None:
-            raise CheckpointError(f"rank 0 could not look for checkpoints in {self.store.root}: {chosen[1]}")
-        return chosen[0]
+            dist.broadcast_object_list(shared, src=0)
+        if shared[1] is not None:
+            raise CheckpointError(f"{failure}: {shared[1]}") from error
+        return shared[0]
 
     def _load_payload(self, ref: CheckpointRef) -> dict:
         rel = f"{ref.name}/state.pt"
@@ -379,21 +388,14 @@ class Session:
         if self.last_saved_step == self.progress.step:
             return
         rng_per_rank = self._gather_rng()
-        error = None
-        if self.writer is not None:
-            try:
-                payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank,
-                                        self.config_data)
-                metric = self.metrics.get(self.cfg.checkpoint.best_metric or "")
-                info = versions() | {"world_size": self.env.world_size, "metric": metric}
-                self.writer.submit(self.progress.step, payload, info)
-            except Exception as exc:  # any failure (disk, network, serialization) must reach every rank
-                error = exc
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        if dist.is_initialized():
-            dist.broadcast_object_list(outcome, src=0)  # rank 0 committed (async: submitted)
-        if outcome[0] is not None:
-            raise CheckpointError(f"rank 0 failed to save step {self.progress.step}: {outcome[0]}") from error
+
+        def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
+            payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data)
+            metric = self.metrics.get(self.cfg.checkpoint.best_metric or "")
+            info = versions() | {"world_size": self.env.world_size, "metric": metric}
+            self.writer.submit(self.progress.step, payload, info)
+
+        self._on_rank0(submit, f"rank 0 failed to save step {self.progress.step}")
         self.last_saved_step = self.progress.step
         if self.writer is not None and self.writer.last_save_s is not None:
             warning = grace_warning(self.writer.last_save_s, self.cfg.preempt.grace_s)
@@ -405,18 +407,12 @@ class Session:
 
         Rank 0 flushes and tells every rank the outcome, so no rank reports a save that failed.
         """
-        error = None
-        if self.writer is not None:
-            try:
-                self.writer.flush()
-                self.store.storage.flush()
-            except Exception as exc:
-                error = exc
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        if dist.is_initialized():
-            dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None:
-            raise CheckpointError(f"rank 0 failed to commit step {self.last_saved_step}: {outcome[0]}") from error
+        self._on_rank0(self._flush_local, f"rank 0 failed to commit step {self.last_saved_step}")
+
+    def _flush_local(self) -> None:
+        """Rank 0: wait for the background writer, then for staged uploads."""
+        self.writer.flush()
+        self.store.storage.flush()
 
     def _gather_rng(self) -> list:
         state = capture_rng()

@@ -25,14 +25,16 @@ def _wait_past(ckpt_dir: Path, step: int) -> None:
     wait_for(lambda: max(metrics(ckpt_dir), default=0) >= step, timeout=90, what=f"step {step}")
 
 
-def _interrupt(tmp_path: Path, send, *overrides: str) -> tuple[Path, str]:
-    """Start a job, let it pass step 20, call ``send(launcher, {rank: pid})``, wait for exit 75."""
+def _interrupt(tmp_path: Path, send, *overrides: str, after_step: int = 20) -> tuple[Path, str]:
+    """Start a job, let it pass ``after_step`` (0: do not wait for training), call
+    ``send(launcher, {rank: pid})``, wait for exit 75."""
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
     launcher = start_launch(ckpt_dir, *overrides, log_path=log)
     try:
         pids = worker_pids(launcher)
-        _wait_past(ckpt_dir, 20)
+        if after_step:
+            _wait_past(ckpt_dir, after_step)
         send(launcher, pids)
         code = launcher.wait(timeout=120)
     finally:
@@ -294,18 +296,7 @@ def test_previous_python_handler_is_chained_and_restored():
 
 def test_sigterm_to_the_launcher_during_start_up_still_means_restart_me(tmp_path):
     """Whether the ranks were still importing (no handlers yet) or already training, the job exits 75."""
-    ckpt_dir = tmp_path / "ckpt"
-    log = tmp_path / "job.log"
-    launcher = start_launch(ckpt_dir, log_path=log)
-    try:
-        worker_pids(launcher)
-        launcher.send_signal(signal.SIGTERM)
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
-    output = log.read_text()
-    assert code == PREEMPTED_EXIT_CODE, output
+    _, output = _interrupt(tmp_path, lambda launcher, pids: launcher.send_signal(signal.SIGTERM), after_step=0)
     assert "failed with" not in output
 
 
@@ -318,19 +309,11 @@ def _catches(pid: int, signum: int) -> bool:
 
 
 def test_sigterm_to_a_rank_while_it_imports_torch_is_a_stop_request(tmp_path):
-    ckpt_dir = tmp_path / "ckpt"
-    log = tmp_path / "job.log"
-    launcher = start_launch(ckpt_dir, log_path=log)
-    try:
-        pids = worker_pids(launcher)
+    def send(launcher, pids):
         wait_for(lambda: _catches(pids[1], signal.SIGTERM), timeout=30, what="rank 1's early handler")
         os.kill(pids[1], signal.SIGTERM)  # typically still importing torch: no Session yet
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
-    output = log.read_text()
-    assert code == PREEMPTED_EXIT_CODE, output
+
+    ckpt_dir, output = _interrupt(tmp_path, send, after_step=0)
     assert "failed with" not in output
     stops = stop_lines(output)
     assert set(stops) == {0, 1} and len(set(stops.values())) == 1
