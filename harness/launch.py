@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from harness.config import ConfigError, register_configs, to_plain, validate
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+# The presets: conf/ at the repository's top level, installed as the package harness.conf (pyproject).
+CONF_PATH = "pkg://harness.conf"
 
 
 def launch(cfg: DictConfig) -> int:
@@ -49,7 +50,7 @@ def launch(cfg: DictConfig) -> int:
     return submit(config_data, typed)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     code = launch(cfg)
     sys.stdout.flush()
