@@ -22,8 +22,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from harness.state import PAYLOAD_FORMAT, UnsafeCheckpoint, extract_model_state, torch_load
-from harness.store import MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, CheckpointStore, LocalStorage, STEP_DIR
+from harness.checkpoint.payload import PAYLOAD_FORMAT, extract_model_state
+from harness.checkpoint.format import UnsafeCheckpoint, torch_load
+from harness.checkpoint.layout import MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, STEP_DIR
+from harness.checkpoint.store import CheckpointStore
+from harness.checkpoint.storage.local import LocalStorage
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)

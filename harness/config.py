@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, restart me"
 BEST_MODES = ("min", "max")
-SPOT_PROVIDERS = ("aws", "gcp")
+SPOT_PROVIDERS = ("aws", "gcp", "azure")
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from harness.preempt import ChainedWorkerInit
+from harness.stop.flag import ChainedWorkerInit
 
 
 class ResumableSampler(DistributedSampler):

@@ -158,3 +158,10 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Everything under tests/e2e/ launches real jobs: marked ``e2e`` so ``-m "not e2e"`` is quick."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.e2e)

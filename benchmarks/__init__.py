@@ -1,0 +1,1 @@
+"""Benchmarks of the harness (outside the installed package): python -m benchmarks.bench --help."""

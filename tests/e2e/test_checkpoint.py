@@ -1,0 +1,337 @@
+"""Checkpoints: exact resume, crash consistency, corrupt-file fallback, portability, safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import (STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics, newest_payload,
+                      run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
+from harness.ckpt import main as ckpt_main
+from harness.checkpoint.keys import match_state, rename_prefixes, unwrap_model
+from harness.checkpoint.format import UnsafeCheckpoint, torch_load
+from harness.checkpoint.payload import extract_model_state
+from harness.checkpoint.errors import CheckpointError
+from harness.checkpoint.layout import CheckpointRef
+from harness.checkpoint.store import CheckpointStore, Retention
+from harness.checkpoint.storage.local import LocalStorage
+
+
+def _first_leg(ckpt_dir: Path, stop_step: int, *overrides: str) -> None:
+    """Train the shared configuration but stop after ``stop_step`` (same LR schedule: T_max fixed)."""
+    result = run_launch(ckpt_dir, f"trainer.max_steps={stop_step}", f"task.scheduler.T_max={STEPS}",
+                        f"checkpoint.every_steps={stop_step}", *overrides)
+    assert result.returncode == 0, result.stderr
+    assert steps_with_saves(ckpt_dir)[-1] == stop_step
+
+
+@pytest.mark.parametrize("stop_step, options", [
+    (45, ()), (64, ()), (45, ("checkpoint.async_save=true", "task.meta_init=true"))],
+    ids=["mid-epoch", "epoch-boundary", "mid-epoch-async-writer-meta-init"])
+def test_resume_is_bit_exact(tmp_path, reference, stop_step, options):
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, stop_step, *options)
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", *options)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stop_step:09d} at step {stop_step}" in result.stdout
+    assert_same_training(ckpt_dir, reference)
+
+
+def test_resume_without_rng_restore_would_differ(tmp_path, reference):
+    """Negative control: a resumed run that loses the RNG/data position diverges, so the test above
+    can fail."""
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 45)
+    payload_path = ckpt_dir / "step_000000045" / "state.pt"
+    payload = torch.load(payload_path, weights_only=True)
+    payload["rng"] = [payload["rng"][1], payload["rng"][0]]  # ranks swap their RNG streams
+    torch.save(payload, payload_path)
+    manifest_path = ckpt_dir / "step_000000045" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["state.pt"]["bytes"] = payload_path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", "checkpoint.verify=false")
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(AssertionError):
+        assert_same_training(ckpt_dir, reference)
+
+
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, reference, writer):
+    ckpt_dir = tmp_path / "ckpt"
+    rng = random.Random(1234)
+    # Saves are frequent, so kills land inside them too.
+    overrides = ("checkpoint.every_steps=7", f"checkpoint.async_save={writer == 'async'}")
+    for attempt in range(2):
+        launcher = start_launch(ckpt_dir, *overrides)
+        worker_pids(launcher)
+        done_before = max(metrics(ckpt_dir), default=0)
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
+        time.sleep(rng.uniform(0.0, 0.25))
+        kill_tree(launcher)
+        assert (ckpt_dir / "step_000000160").exists() is False or attempt > 0
+    # Whatever was on disk, every complete checkpoint verifies and the run finishes identically.
+    assert ckpt_main(["verify", str(ckpt_dir)]) == 0
+    result = run_launch(ckpt_dir, *overrides)
+    assert result.returncode == 0, result.stderr
+    payload = newest_payload(ckpt_dir)
+    assert_tensors_equal(payload["state"], newest_payload(reference)["state"])
+    losses = {s: r["loss"] for s, r in metrics(ckpt_dir).items()}
+    assert losses == {s: r["loss"] for s, r in metrics(reference).items()}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "no-manifest"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(reference, ckpt_dir)
+    (ckpt_dir / "metrics.jsonl").unlink()
+    newest = ckpt_dir / "step_000000160"
+    payload = newest / "state.pt"
+    if damage == "truncate":
+        os.truncate(payload, payload.stat().st_size // 2)
+    elif damage == "flip-byte":
+        data = bytearray(payload.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        payload.write_bytes(bytes(data))
+    else:
+        (newest / "manifest.json").unlink()
+    if damage != "no-manifest":
+        assert ckpt_main(["verify", str(ckpt_dir)]) == 1
+    result = run_launch(ckpt_dir)
+    assert result.returncode == 0, result.stderr
+    if damage != "no-manifest":
+        assert f"skipping corrupt checkpoint {ckpt_dir}/step_000000160" in result.stderr
+    assert f"resumed from {ckpt_dir}/step_000000120 at step 120" in result.stdout
+    assert_tensors_equal(newest_payload(ckpt_dir)["state"], newest_payload(reference)["state"])
+
+
+def test_store_commit_marks_complete_only_with_manifest(tmp_path):
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    store.commit(10, lambda f: torch.save({"x": torch.ones(3)}, f), {})
+    (tmp_path / "step_000000020").mkdir()
+    (tmp_path / "step_000000020" / "state.pt").write_bytes(b"partial")
+    assert [ref.step for ref in store.list_complete()] == [10]
+    assert store.latest_valid().step == 10
+    store.commit(30, lambda f: torch.save({"x": torch.ones(3)}, f), {})
+    store.prune(Retention(keep_last=5))
+    assert not (tmp_path / "step_000000020").exists(), "a crashed partial save was not cleaned up"
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def _ref(step: int, metric=None) -> CheckpointRef:
+    return CheckpointRef(step=step, name=f"step_{step:09d}", manifest={"metric": metric})
+
+
+def test_retention_keeps_last_every_nth_and_best():
+    refs = [_ref(s, metric=m) for s, m in [(10, 0.9), (20, 0.2), (30, 0.5), (40, 0.1), (50, 0.7), (60, 0.8)]]
+    delete = lambda policy: [r.step for r in policy.to_delete(refs)]
+    assert delete(Retention(keep_last=2)) == [10, 20, 30, 40]
+    assert delete(Retention(keep_last=2, keep_every=20)) == [10, 30]
+    assert delete(Retention(keep_last=1, keep_best=2, best_mode="min")) == [10, 30, 50]
+    assert delete(Retention(keep_last=1, keep_best=1, best_mode="max")) == [20, 30, 40, 50]
+    assert delete(Retention(keep_last=0)) == []
+
+
+def test_retention_never_deletes_the_checkpoint_just_written():
+    # Later steps on disk (another run in the folder, or a corrupt newest one that resume skipped)
+    # must not push the new checkpoint out.
+    refs = [_ref(s) for s in (1000, 1100, 1200, 100, 90, 80)]
+    assert [r.step for r in Retention(keep_last=3).to_delete(refs, current=100)] == []
+    assert [r.step for r in Retention(keep_last=1).to_delete(refs, current=100)] == [80, 90]
+
+
+def test_retention_is_computed_from_disk_across_restarts(tmp_path, reference):
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 40)  # writes step 40 with keep_last=0 (keep all)
+    result = run_launch(ckpt_dir, "checkpoint.keep_last=2", "checkpoint.every_steps=20")
+    assert result.returncode == 0, result.stderr
+    assert steps_with_saves(ckpt_dir) == [140, 160]
+
+
+def _mount_small_disk(path: Path, kind: str) -> None:
+    """A real 1-2 MB filesystem: tmpfs (no O_DIRECT: buffered writes) or loop-mounted ext4 (O_DIRECT)."""
+    path.mkdir()
+    if kind == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(path)]
+    else:
+        image = path.parent / "disk.img"
+        subprocess.run(["truncate", "-s", "2M", str(image)], check=True)
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"mkfs.ext4 unavailable: {made.stderr.decode().strip()}")
+        command = ["mount", "-o", "loop", str(image), str(path)]
+    result = subprocess.run(command, capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small {kind} here (needs root): {result.stderr.decode().strip()}")
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"], ids=["buffered-tmpfs", "odirect-ext4"])
+@pytest.mark.parametrize("failure", ["disk-full", "read-only"])
+def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, failure, kind):
+    mount = tmp_path / "disk"
+    _mount_small_disk(mount, kind)
+    try:
+        store = CheckpointStore(LocalStorage(str(mount)))
+        store.commit(1, lambda f: torch.save({"w": torch.zeros(1000)}, f), {})
+        if failure == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        big = {"w": torch.zeros(1_000_000)}  # 4 MB: does not fit on the small disk
+        with pytest.raises(CheckpointError, match=r"step 2 .*previous checkpoint \(step 1\) is intact"):
+            store.commit(2, lambda f: torch.save(big, f), {})
+        assert [ref.step for ref in store.list_complete()] == [1]
+        assert store.problems(store.latest_listed()) == []
+        assert not list(mount.rglob("*.tmp-*")), "a partial temp file was left behind"
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_odirect_and_buffered_writes_produce_the_same_file(tmp_path):
+    payload = {"w": torch.randn(3_000_001), "n": torch.arange(7)}  # not a multiple of the alignment
+    digests = []
+    for direct in (True, False):
+        storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
+        size, digest = storage.write("state.pt", lambda f: torch.save(payload, f))
+        written = (tmp_path / str(direct) / "state.pt").read_bytes()
+        assert size == len(written) and digest == hashlib.sha256(written).hexdigest()
+        assert_tensors_equal(torch.load(tmp_path / str(direct) / "state.pt", weights_only=True), payload)
+        digests.append(digest)
+    assert digests[0] == digests[1]
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+
+def test_prefixes_never_reach_a_file_and_old_prefixed_files_still_load(tmp_path):
+    torch.manual_seed(0)
+    source = _Net()
+    wrapped = torch.compile(nn.DataParallel(torch.compile(source)))  # nesting of both prefixes
+    prefixed = wrapped.state_dict()
+    assert all(key.startswith("_orig_mod.module._orig_mod.") for key in prefixed)
+    assert set(unwrap_model(wrapped).state_dict()) == set(source.state_dict())
+    torch.save(prefixed, tmp_path / "old.pt")
+    fresh = _Net()
+    assert not torch.equal(fresh.encoder.weight, source.encoder.weight)  # negative control
+    loaded = extract_model_state(torch_load(str(tmp_path / "old.pt")), "old.pt")
+    fresh.load_state_dict(loaded)
+    assert_tensors_equal(fresh.state_dict(), source.state_dict())
+
+
+def test_ddp_prefix_is_stripped_and_layouts_are_recognised(tmp_path):
+    import torch.distributed as dist
+    from harness.env import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = _Net()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert all(key.startswith("module.") for key in ddp.state_dict())
+        for layout in ({"model": ddp.state_dict()}, {"state_dict": ddp.state_dict()}, ddp.state_dict()):
+            assert_tensors_equal(extract_model_state(layout, "x"), model.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rename_and_shape_mismatch_report():
+    model = _Net()
+    pretrained = {"backbone.weight": torch.zeros(3, 4), "backbone.bias": torch.zeros(3),
+                  "head.weight": torch.zeros(5, 3), "extra": torch.zeros(1)}
+    renamed = rename_prefixes(pretrained, {"backbone.": "encoder."})
+    loadable, report = match_state(model.state_dict(), renamed)
+    assert set(loadable) == {"encoder.weight", "encoder.bias"}
+    assert report.missing == ["head.bias"]  # head.weight is in the file, with the wrong shape
+    assert report.unexpected == ["extra"]
+    assert report.mismatched == ["head.weight: file (5, 3) vs model (2, 3)"]
+    assert "shape mismatch" in report.format()
+
+
+def test_init_from_loads_weights_with_renames_and_strict_fails(tmp_path):
+    src = tmp_path / "pretrained.pt"
+    torch.manual_seed(3)
+    from harness.example import MLP
+
+    donor = MLP()
+    torch.save({"model": {f"backbone.{k}": v for k, v in donor.state_dict().items()}}, src)
+    ckpt_dir = tmp_path / "ckpt"
+    result = run_launch(ckpt_dir, f"checkpoint.init_from={src}", "+checkpoint.init_rename={backbone.: ''}",
+                        "trainer.max_steps=1", "checkpoint.init_strict=true")
+    assert result.returncode == 0, result.stderr
+    assert "initialised 6 tensors" in result.stdout and "all keys matched" in result.stdout
+    strict = run_launch(tmp_path / "ckpt2", f"checkpoint.init_from={src}", "checkpoint.init_strict=true",
+                        "trainer.max_steps=1")
+    assert strict.returncode == 1
+    assert "missing in file (6)" in strict.stderr and "unexpected in file (6)" in strict.stderr
+
+
+class _Payload:
+    """Unpickling this would create a file: proof of code execution."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_weights_only_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "x": _Payload(str(marker))}, evil)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpoint, match="checkpoint.unsafe_load=true"):
+        torch_load(str(evil))
+    assert not marker.exists(), "loading ran code from the file"
+    assert ckpt_main(["inspect", str(evil)]) == 1
+    assert not marker.exists()
+
+
+def test_other_world_size_resumes_with_a_warning(tmp_path, reference):
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 45)
+    result = run_launch(ckpt_dir, "launcher.nproc_per_node=1", "trainer.max_steps=50", f"task.scheduler.T_max={STEPS}")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint was written by 2 ranks, this run has 1" in result.stdout
+    payload = newest_payload(ckpt_dir)
+    assert payload["progress"]["step"] == 50 and len(payload["rng"]) == 1
+    assert payload["progress"]["batch_in_epoch"] == 13 * 2 + 5  # 13 batches x 2 ranks remapped, +5 steps
+
+
+def test_ckpt_inspect_json_reports_step_and_identical_digests_for_identical_training(tmp_path, reference, capsys):
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 45)
+    assert run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}").returncode == 0
+    reports = []
+    for path in (ckpt_dir, reference / "step_000000160"):
+        assert ckpt_main(["inspect", str(path), "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["step"] == reports[1]["step"] == STEPS
+    assert reports[0]["digests"] == reports[1]["digests"]
+    assert reports[0]["digests"]["model"] != json.loads(_inspect(ckpt_dir / "step_000000045", capsys))["digests"]["model"]
+
+
+def _inspect(path, capsys) -> str:
+    assert ckpt_main(["inspect", str(path), "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def test_ckpt_tools_give_clear_errors(tmp_path, capsys):
+    assert ckpt_main(["inspect", str(tmp_path / "missing.pt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("hello")
+    assert ckpt_main(["inspect", str(tmp_path / "notes.txt")]) == 1
+    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    assert ckpt_main(["inspect", str(tmp_path)]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err

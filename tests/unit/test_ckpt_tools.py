@@ -1,0 +1,336 @@
+"""``python -m harness.ckpt`` diff / export / inspect on real files, and its one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from harness.ckpt import main as ckpt_main
+from harness.checkpoint.payload import Progress, build_payload, capture_rng
+from harness.checkpoint.store import CheckpointStore
+from harness.checkpoint.storage.local import LocalStorage
+from harness.checkpoint.layout import step_dir_name
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model.train()
+    loss = model(torch.randn(16, 4)).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _harness_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """A real harness checkpoint (payload, then manifest) written through CheckpointStore."""
+    states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    payload = build_payload(states, Progress(step=step), [capture_rng()], {"name": "test"})
+    CheckpointStore(LocalStorage(str(root))).commit(step, lambda handle: torch.save(payload, handle), {})
+    return root / step_dir_name(step)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(run folder with checkpoints at steps 1 and 2, the model and optimizer as of step 2)."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    root = tmp_path / "run"
+    for step in (1, 2):
+        _train_step(model, optimizer)
+        _harness_checkpoint(root, step, model, optimizer)
+    return root, model, optimizer
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line error, got:\n{err}"
+    assert lines[0].startswith("harness.ckpt: ")
+    return lines[0]
+
+
+# ---- diff ---------------------------------------------------------------------------------------------
+
+def test_diff_of_identical_checkpoints_exits_0(trained, capsys):
+    root, _, _ = trained
+    assert ckpt_main(["diff", str(root), str(root / step_dir_name(2)), "--json"]) == 0
+    report = _json(capsys)
+    assert report["identical"] is True
+    assert report["a"]["step"] == report["b"]["step"] == 2
+    assert report["equal"] > 10  # model, optimizer state and param_groups were all compared
+    assert not (report["only_a"] or report["only_b"] or report["differing"] or report["mismatched"])
+
+
+def test_diff_of_two_training_steps_finds_model_and_optimizer_differences(trained, capsys):
+    root, _, _ = trained
+    assert ckpt_main(["diff", str(root / step_dir_name(1)), str(root / step_dir_name(2)), "--json"]) == 1
+    report = _json(capsys)
+    differing = {item["key"] for item in report["differing"]}
+    assert "model.0.weight" in differing
+    assert "optimizer.state.0.exp_avg" in differing
+    assert "model.1.num_batches_tracked" in differing  # an integer buffer: 1 vs 2
+    assert all(item["max_abs"] > 0 and 0 < item["count"] <= item["numel"] for item in report["differing"])
+
+
+def test_diff_counts_changed_elements_and_their_max_abs_difference(tmp_path, capsys):
+    state = _model().state_dict()
+    changed = {key: value.clone() for key, value in state.items()}
+    changed["0.weight"][0, :3] += torch.tensor([0.25, -0.5, 0.125])
+    torch.save(state, tmp_path / "a.pt")
+    torch.save(changed, tmp_path / "b.pt")
+    assert ckpt_main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--json"]) == 1
+    report = _json(capsys)
+    assert report["differing"] == [{"key": "model.0.weight", "count": 3, "numel": 32,
+                                    "max_abs": pytest.approx(0.5, abs=1e-6)}]
+    assert report["equal"] == len(state) - 1
+
+
+def test_diff_reports_keys_on_one_side_and_shape_or_dtype_mismatches(tmp_path, capsys):
+    state = _model().state_dict()
+    other = dict(state)
+    del other["3.bias"]
+    other["extra.weight"] = torch.zeros(2)
+    other["0.bias"] = torch.zeros(9)  # shape
+    other["1.running_var"] = state["1.running_var"].double()  # dtype
+    torch.save(state, tmp_path / "a.pt")
+    torch.save(other, tmp_path / "b.pt")
+    assert ckpt_main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--json"]) == 1
+    report = _json(capsys)
+    assert report["only_a"] == ["model.3.bias"]
+    assert report["only_b"] == ["model.extra.weight"]
+    mismatched = {item["key"]: (item["a"], item["b"]) for item in report["mismatched"]}
+    assert mismatched["model.0.bias"] == ({"shape": [8], "dtype": "float32"}, {"shape": [9], "dtype": "float32"})
+    assert mismatched["model.1.running_var"][1]["dtype"] == "float64"
+    assert report["differing"] == []
+
+    assert ckpt_main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]) == 1
+    text = capsys.readouterr().out
+    assert "only in A (1):" in text and "model.3.bias" in text
+    assert "shape/dtype mismatch (2):" in text and text.rstrip().splitlines()[-1].startswith("DIFFERENT")
+
+
+def test_diff_reports_non_tensor_values_such_as_the_learning_rate(tmp_path, trained, capsys):
+    root, model, optimizer = trained
+    for group in optimizer.param_groups:
+        group["lr"] = 0.001
+    _harness_checkpoint(tmp_path / "other", 2, model, optimizer)
+    assert ckpt_main(["diff", str(root), str(tmp_path / "other"), "--json"]) == 1
+    report = _json(capsys)
+    assert report["values"] == [{"key": "optimizer.param_groups.0.lr", "a": 0.01, "b": 0.001}]
+    assert report["differing"] == []
+
+
+def test_diff_treats_nan_at_the_same_place_as_equal_and_nan_against_a_number_as_inf(tmp_path, capsys):
+    torch.save({"w": torch.tensor([1.0, float("nan"), 3.0])}, tmp_path / "a.pt")
+    torch.save({"w": torch.tensor([1.0, float("nan"), 3.0])}, tmp_path / "b.pt")
+    torch.save({"w": torch.tensor([float("nan"), float("nan"), 3.0])}, tmp_path / "c.pt")
+    assert ckpt_main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]) == 0
+    capsys.readouterr()
+    assert ckpt_main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--json"]) == 1
+    assert _json(capsys)["differing"] == [{"key": "model.w", "count": 1, "numel": 3, "max_abs": float("inf")}]
+
+
+def test_diff_of_a_checkpoint_and_a_prefixed_weight_file_compares_the_model_group(trained, tmp_path, capsys):
+    root, model, _ = trained
+    wrapped = nn.DataParallel(model)  # a real wrapper: its state_dict keys start with "module."
+    assert all(key.startswith("module.") for key in wrapped.state_dict())
+    torch.save({"state_dict": wrapped.state_dict(), "epoch": 7}, tmp_path / "lightning.ckpt")
+    assert ckpt_main(["diff", str(root), str(tmp_path / "lightning.ckpt"), "--json"]) == 1
+    report = _json(capsys)
+    assert report["only_b"] == [] and report["differing"] == [] and report["mismatched"] == []
+    assert report["only_a"] and all(key.startswith("optimizer.") for key in report["only_a"])
+    assert report["equal"] == len(model.state_dict())
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_writes_model_weights_only_with_their_sha256(trained, tmp_path, capsys):
+    root, model, _ = trained
+    out = tmp_path / "export" / "model.pt"
+    assert ckpt_main(["export", str(root), str(out)]) == 0
+    digest = _sha256(out)
+    assert capsys.readouterr().out.strip() == f"{digest}  {out}"
+    assert (tmp_path / "export" / "model.pt.sha256").read_text() == f"{digest}  model.pt\n"
+    check = subprocess.run(["sha256sum", "-c", "model.pt.sha256"], cwd=out.parent, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == set(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(exported[key], value) and exported[key].dtype == value.dtype
+    assert sorted(os.listdir(out.parent)) == ["model.pt", "model.pt.sha256"]  # no temp files left
+
+
+def test_export_strips_wrapper_prefixes_and_casts_only_floating_tensors(tmp_path, capsys):
+    model = _model()
+    wrapped = nn.DataParallel(torch.compile(model))  # real "module._orig_mod." prefixes, nothing compiled
+    assert all(key.startswith("module._orig_mod.") for key in wrapped.state_dict())
+    torch.save({"model": wrapped.state_dict(), "iteration": 5}, tmp_path / "detectron2.pth")
+    out = tmp_path / "model_fp16.pt"
+    assert ckpt_main(["export", str(tmp_path / "detectron2.pth"), str(out), "--dtype", "fp16"]) == 0
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == set(model.state_dict())
+    assert exported["0.weight"].dtype == torch.float16
+    assert exported["1.num_batches_tracked"].dtype == torch.int64  # integer buffers are not cast
+    assert torch.equal(exported["0.weight"], model.state_dict()["0.weight"].half())
+
+
+def test_export_safetensors_round_trips_and_diffs_equal_to_the_checkpoint_model(trained, tmp_path, capsys):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    root, model, _ = trained
+    out = tmp_path / "model.safetensors"
+    assert ckpt_main(["export", str(root), str(out), "--format", "safetensors"]) == 0
+    assert capsys.readouterr().out.split()[0] == _sha256(out)
+    loaded = safetensors_torch.load_file(str(out))
+    assert set(loaded) == set(model.state_dict())
+    assert all(torch.equal(loaded[key], value) for key, value in model.state_dict().items())
+    # The export holds exactly the checkpoint's model group: only the optimizer is missing.
+    assert ckpt_main(["diff", str(root), str(out), "--json"]) == 1
+    report = _json(capsys)
+    assert report["differing"] == [] and report["mismatched"] == [] and report["only_b"] == []
+    assert report["only_a"] and all(key.startswith("optimizer.") for key in report["only_a"])
+
+
+def test_export_safetensors_accepts_tied_weights(tmp_path, capsys):
+    pytest.importorskip("safetensors.torch")
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight  # tied: two keys, one storage (safetensors refuses shared storage)
+    torch.save(nn.ModuleDict({"embed": embedding, "head": head}).state_dict(), tmp_path / "tied.pt")
+    assert ckpt_main(["export", str(tmp_path / "tied.pt"), str(tmp_path / "tied.safetensors"),
+                      "--format", "safetensors", "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    assert ckpt_main(["inspect", str(tmp_path / "tied.safetensors"), "--json"]) == 0
+    tensors = {t["key"]: t for t in _json(capsys)["groups"]["model"]["tensors"]}
+    assert set(tensors) == {"embed.weight", "head.weight"} and tensors["head.weight"]["dtype"] == "bfloat16"
+
+
+def test_export_safetensors_without_the_package_is_a_clear_error(trained, tmp_path, capsys, monkeypatch):
+    root, _, _ = trained
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors...` raise ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    out = tmp_path / "model.safetensors"
+    assert ckpt_main(["export", str(root), str(out), "--format", "safetensors"]) == 1
+    assert "pip install safetensors" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_export_replaces_an_existing_file_and_reports_unwritable_outputs(trained, tmp_path, capsys):
+    root, _, _ = trained
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"old")
+    assert ckpt_main(["export", str(root), str(out)]) == 0
+    assert capsys.readouterr().out.split()[0] == _sha256(out) != hashlib.sha256(b"old").hexdigest()
+    (tmp_path / "a_file").write_text("not a folder")
+    assert ckpt_main(["export", str(root), str(tmp_path / "a_file" / "model.pt")]) == 1
+    assert "cannot write" in _one_line_error(capsys)
+    assert ckpt_main(["export", str(root), str(tmp_path)]) == 1
+    assert "is a folder" in _one_line_error(capsys)
+
+
+# ---- inspect of other layouts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["lightning", "detectron2", "ddp-prefixed"])
+def test_inspect_reads_common_layouts_without_prefixes(tmp_path, capsys, layout):
+    model = _model()
+    state = nn.DataParallel(model).state_dict()
+    obj = {"lightning": {"state_dict": state, "epoch": 3, "global_step": 30},
+           "detectron2": {"model": state, "iteration": 30},
+           "ddp-prefixed": state}[layout]
+    torch.save(obj, tmp_path / "weights.pt")
+    assert ckpt_main(["inspect", str(tmp_path / "weights.pt"), "--json"]) == 0
+    report = _json(capsys)
+    assert report["kind"] == "weights"
+    assert {t["key"] for t in report["groups"]["model"]["tensors"]} == set(model.state_dict())
+
+
+def test_inspect_reads_a_full_model_pickle_only_with_unsafe(tmp_path, capsys):
+    model = _model()
+    torch.save(model, tmp_path / "full.pt")  # pickles the classes: weights_only refuses it
+    assert ckpt_main(["inspect", str(tmp_path / "full.pt")]) == 1
+    assert "--unsafe" in _one_line_error(capsys)
+    assert ckpt_main(["inspect", str(tmp_path / "full.pt"), "--unsafe", "--json"]) == 0
+    assert {t["key"] for t in _json(capsys)["groups"]["model"]["tensors"]} == set(model.state_dict())
+    assert ckpt_main(["export", str(tmp_path / "full.pt"), str(tmp_path / "out.pt")]) == 1
+    capsys.readouterr()
+    assert ckpt_main(["export", str(tmp_path / "full.pt"), str(tmp_path / "out.pt"), "--unsafe"]) == 0
+    assert set(torch.load(tmp_path / "out.pt", weights_only=True)) == set(model.state_dict())
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+def _bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A file that is not a usable checkpoint, and the words its error must contain."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "missing":
+        return path, "no such file"
+    if kind == "text":
+        path.write_text("epoch,loss\n1,0.5\n")
+        return path, "not a readable torch checkpoint"
+    if kind == "truncated":
+        torch.save(_model().state_dict(), path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, "not a readable torch checkpoint"
+    if kind == "no-weights":
+        torch.save({"losses": [0.5, 0.4], "note": "metrics only"}, path)
+        return path, "holds no model weights"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "truncated", "no-weights"])
+@pytest.mark.parametrize("command", ["inspect", "diff", "export"])
+def test_unusable_files_give_a_one_line_error_and_exit_1(tmp_path, capsys, kind, command):
+    path, words = _bad_file(tmp_path, kind)
+    good = tmp_path / "good.pt"
+    torch.save(_model().state_dict(), good)
+    argv = {"inspect": ["inspect", str(path)], "diff": ["diff", str(good), str(path)],
+            "export": ["export", str(path), str(tmp_path / "out.pt")]}[command]
+    assert ckpt_main(argv) == 1
+    line = _one_line_error(capsys)
+    assert words in line and str(path) in line
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_truncated_safetensors_file_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("safetensors.torch")
+    source = tmp_path / "w.pt"
+    torch.save(_model().state_dict(), source)
+    out = tmp_path / "w.safetensors"
+    assert ckpt_main(["export", str(source), str(out), "--format", "safetensors"]) == 0
+    out.write_bytes(out.read_bytes()[:-20])
+    capsys.readouterr()
+    assert ckpt_main(["inspect", str(out)]) == 1
+    assert "not a readable safetensors file" in _one_line_error(capsys)
+
+
+def test_command_line_entry_point_exits_with_the_diff_verdict(trained):
+    root, _, _ = trained
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "harness.ckpt", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    same = run("diff", str(root), str(root / step_dir_name(2)))
+    assert same.returncode == 0 and "identical" in same.stdout
+    different = run("diff", str(root / step_dir_name(1)), str(root / step_dir_name(2)))
+    assert different.returncode == 1 and "DIFFERENT" in different.stdout
