@@ -20,11 +20,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from typing import Optional
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, SlurmLauncherConfig
+from harness.progress import say as report_line
 from harness.env import DistEnv, read_env
 
 TIMEOUT_MARGIN_S = 90  # SLURM checks time limits coarsely: warnings can come 30-60 s early
@@ -39,7 +39,7 @@ class SlurmError(RuntimeError):
 
 
 def say(text: str) -> None:
-    print(f"[harness.slurm] {text}", file=sys.stderr, flush=True)
+    report_line(text, "harness.slurm")
 
 
 def scontrol(*args: str) -> str:

@@ -1,0 +1,48 @@
+"""Names inside a run's checkpoint folder: the one place that spells them.
+
+    <dir>/step_000000100/state.pt        the payload (harness.checkpoint.format writes it)
+    <dir>/step_000000100/manifest.json   written LAST; without it the checkpoint does not exist
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+MANIFEST_NAME = "manifest.json"
+PAYLOAD_NAME = "state.pt"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def step_of(name: str) -> Optional[int]:
+    """The step of a checkpoint folder name, or None when the name is not one."""
+    match = STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def payload_path(name: str) -> str:
+    """The payload's path relative to the run folder, for checkpoint folder ``name``."""
+    return f"{name}/{PAYLOAD_NAME}"
+
+
+def manifest_path(name: str) -> str:
+    return f"{name}/{MANIFEST_NAME}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A complete checkpoint: its step, folder name and parsed manifest."""
+
+    step: int
+    name: str
+    manifest: dict
+
+    @property
+    def metric(self) -> Optional[float]:
+        return self.manifest.get("metric")

@@ -1,0 +1,202 @@
+"""The checkpoint policy of one run: which checkpoint to resume from, restoring it on every rank,
+saving and flushing. The mechanism lives below it (store, writer, storage, format, payload).
+
+Every public method is a collective (every rank calls it, in the same order): rank 0 alone writes and
+chooses, the others learn the outcome, and a failure on any rank raises on all of them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Callable, Optional
+
+import torch.distributed as dist
+
+from harness.checkpoint.format import torch_load
+from harness.checkpoint.keys import match_state, rename_prefixes
+from harness.checkpoint.layout import CheckpointRef, payload_path
+from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
+                                        StateRegistry, build_payload, capture_rng, check_payload,
+                                        extract_model_state, seed_everything, versions)
+from harness.checkpoint.storage import open_storage
+from harness.checkpoint.store import CheckpointStore, Retention
+from harness.checkpoint.writer import CheckpointWriter
+from harness.collectives import distributed, on_rank0, raise_if_any_failed
+from harness.config import CheckpointConfig, HarnessConfig
+from harness.env import DistEnv
+from harness.stop.agreement import grace_warning
+
+
+class CheckpointManager:
+    """Resume, save and flush for one rank; see the module docstring."""
+
+    def __init__(self, cfg: HarnessConfig, env: DistEnv, registry: StateRegistry, progress: Progress,
+                 config_data: dict, say: Callable[[str], None]):
+        self.cfg = cfg
+        self.ckpt: CheckpointConfig = cfg.checkpoint
+        self.env = env
+        self.registry = registry
+        self.progress = progress
+        self.config_data = config_data
+        self.say = say
+        # Only rank 0 writes, so only rank 0 stages; the others read what rank 0 chose from dir.
+        staging_dir = self.ckpt.staging_dir if env.is_main else None
+        self.store = CheckpointStore(open_storage(self.ckpt.dir, staging_dir))
+        self.retention = Retention(keep_last=self.ckpt.keep_last, keep_every=self.ckpt.keep_every,
+                                   keep_best=self.ckpt.keep_best, best_mode=self.ckpt.best_mode)
+        self.writer = CheckpointWriter(self.store, self.retention, asynchronous=self.ckpt.async_save) \
+            if env.is_main else None
+        self.last_saved_step: Optional[int] = None
+        self.resumed_from: Optional[CheckpointRef] = None
+        self.pending_rng: Optional[dict] = None  # this rank's RNG, restored once the loader is positioned
+        self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
+
+    # ----- resume ---------------------------------------------------------------------------------
+    def resume_point(self) -> Optional[CheckpointRef]:
+        """The checkpoint this run resumes from (None: a fresh start); a collective on first call."""
+        if self._resume_point is None:
+            self._resume_point = (self._choose(),) if self.ckpt.resume else (None,)
+        return self._resume_point[0]
+
+    def _choose(self) -> Optional[CheckpointRef]:
+        """Rank 0 verifies and picks; every rank loads the same one."""
+        def newest_valid() -> Optional[CheckpointRef]:
+            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
+            return self.store.latest_valid(checksum=self.ckpt.verify)
+
+        return on_rank0(newest_valid, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
+
+    def holds_checkpoints(self) -> bool:
+        """Whether the run folder already holds a complete checkpoint (rank 0 looks; all learn)."""
+        return on_rank0(lambda: self.store.latest_listed() is not None,
+                        f"could not list {self.store.root}", self.env.is_main)
+
+    def restore(self, ref: CheckpointRef) -> None:
+        """Restore ``ref`` on every rank; if any rank fails, all of them raise."""
+        error = None
+        try:
+            self._restore(ref)
+        except Exception as exc:
+            error = exc
+        raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+
+    def _load_payload(self, ref: CheckpointRef) -> dict:
+        rel = payload_path(ref.name)
+        path = self.store.storage.local_path(rel)
+        source = path if path is not None else io.BytesIO(self.store.storage.read_bytes(rel))
+        payload = torch_load(source, map_location=self.env.device, unsafe=self.ckpt.unsafe_load,
+                             mmap=path is not None)
+        return check_payload(payload, f"{self.store.root}/{rel}")
+
+    def _restore(self, ref: CheckpointRef) -> None:
+        started = time.perf_counter()
+        payload = self._load_payload(ref)
+        self.registry.load_state_dict(payload[KEY_STATE])
+        self.progress.load_state_dict(payload[KEY_PROGRESS])
+        self._remap_world(payload[KEY_RNG])
+        self.last_saved_step = self.progress.step
+        self.resumed_from = ref
+        self._warn_config_changes(payload.get(KEY_CONFIG) or {})
+        self.say(f"resumed from {self.store.root}/{ref.name} at step {self.progress.step} "
+                 f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch}) "
+                 f"in {time.perf_counter() - started:.2f}s; restart #{self.env.restart_count}")
+        save_s = ref.manifest.get("write_s")
+        warning = grace_warning(save_s, self.cfg.preempt.grace_s) if save_s else None
+        if warning:
+            self.say("WARNING: " + warning)
+
+    def _remap_world(self, rng_per_rank: list) -> None:
+        saved_world = len(rng_per_rank)
+        if saved_world == self.env.world_size:
+            self.pending_rng = rng_per_rank[self.env.rank]
+            return
+        # DDP state is replicated, so weights and optimizer carry over exactly. The data position is
+        # kept by samples consumed in the epoch; per-rank RNG streams cannot be kept.
+        samples_done = self.progress.batch_in_epoch * self.progress.world_size
+        self.progress.batch_in_epoch = samples_done // self.env.world_size
+        self.progress.world_size = self.env.world_size
+        seed_everything(self.cfg.trainer.seed + 1 + self.env.rank + 7919 * self.progress.step)
+        self.say(f"WARNING: checkpoint was written by {saved_world} ranks, this run has "
+                 f"{self.env.world_size}: weights, optimizer and step carry over exactly; the data "
+                 f"position is kept by samples consumed (batch {self.progress.batch_in_epoch} of epoch "
+                 f"{self.progress.epoch}); RNG streams are reseeded, so the run will not match an "
+                 "uninterrupted one bit for bit")
+
+    def _warn_config_changes(self, saved: dict) -> None:
+        old = (saved.get("trainer") or {}).get("max_steps")
+        if old is not None and old != self.cfg.trainer.max_steps:
+            self.say(f"WARNING: trainer.max_steps changed from {old} to {self.cfg.trainer.max_steps} "
+                     "since the checkpoint: schedules that depend on it (e.g. cosine LR) will differ "
+                     "from an uninterrupted run")
+
+    def init_from(self, path: str) -> None:
+        """Load pretrained weights into the model on every rank (a fresh run's ``init_from``).
+
+        Every rank reads the file itself (it may live on node-local disks); if it is missing or does
+        not match on any rank, every rank raises.
+        """
+        error = None
+        try:
+            self._init_from(path)
+        except Exception as exc:
+            error = exc
+        raise_if_any_failed(error, f"checkpoint.init_from={path} could not be loaded", self.env.device)
+
+    def _init_from(self, path: str) -> None:
+        model = self.registry.get(MODEL)
+        if model is None:
+            raise RuntimeError("checkpoint.init_from needs a model: call session.prepare(model) first")
+        file_state = extract_model_state(
+            torch_load(path, map_location=self.env.device, unsafe=self.ckpt.unsafe_load), path)
+        file_state = rename_prefixes(file_state, self.ckpt.init_rename)
+        loadable, report = match_state(model.state_dict(), file_state)
+        if self.ckpt.init_strict and not report.clean:
+            raise ValueError(f"checkpoint.init_from={path} does not match the model "
+                             f"(checkpoint.init_strict=true):\n{report.format()}")
+        model.load_state_dict(loadable, strict=False)
+        self.say(f"initialised {len(loadable)} tensors from {path}\n{report.format()}")
+
+    # ----- save -----------------------------------------------------------------------------------
+    def save(self, metric: Optional[float]) -> None:
+        """Save the current state as step ``progress.step`` (rank 0 writes; others wait for it).
+
+        ``metric`` is the value of ``checkpoint.best_metric`` measured at this step, or None.
+        """
+        if self.last_saved_step == self.progress.step:
+            return
+        rng_per_rank = self._gather_rng()
+
+        def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
+            payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data)
+            info = versions() | {"world_size": self.env.world_size, "metric": metric}
+            self.writer.submit(self.progress.step, payload, info)
+
+        on_rank0(submit, f"failed to save step {self.progress.step}", self.env.is_main)
+        self.last_saved_step = self.progress.step
+        if self.writer is not None and self.writer.last_save_s is not None and not self.writer.asynchronous:
+            warning = grace_warning(self.writer.last_save_s, self.cfg.preempt.grace_s)
+            if warning:
+                self.say("WARNING: " + warning)
+
+    def flush(self) -> None:
+        """Wait until the last checkpoint is committed (and uploaded, when staging); a collective.
+
+        Rank 0 flushes and tells every rank the outcome, so no rank reports a save that failed.
+        """
+        on_rank0(self.flush_here, f"failed to commit step {self.last_saved_step}", self.env.is_main)
+
+    def flush_here(self) -> None:
+        """Rank 0, not a collective: wait for the background writer, then for staged uploads."""
+        if self.writer is not None:
+            self.writer.flush()
+            self.store.storage.flush()
+
+    def _gather_rng(self) -> list:
+        state = capture_rng()
+        if not distributed():
+            return [state]
+        gathered: list = [None] * self.env.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+

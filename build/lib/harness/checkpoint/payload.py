@@ -1,0 +1,194 @@
+"""What a checkpoint holds: the registered Statefuls, progress, every rank's RNG, config, versions.
+
+Everything restored follows the ``state_dict()/load_state_dict()`` protocol. The payload is plain
+data (dicts, lists, tuples, numbers, strings, tensors) so it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import torch
+
+from harness import __version__
+from harness.checkpoint.keys import align_wrapper_prefixes, strip_wrapper_prefixes, unwrap_model
+
+log = logging.getLogger("harness")
+
+PAYLOAD_FORMAT = "harness.checkpoint"
+PAYLOAD_VERSION = 1
+
+# Top-level keys of a payload.
+KEY_STATE = "state"  # {registered name: state_dict}
+KEY_PROGRESS = "progress"
+KEY_RNG = "rng"  # list indexed by rank
+KEY_CONFIG = "config"
+KEY_META = "meta"
+MODEL = "model"  # the registered name the built-in loop gives its model
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps done, and the data position inside the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already trained on
+    world_size: int = 1  # world size that produced batch_in_epoch (to remap on a resize)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.world_size = int(state.get("world_size", self.world_size))
+
+
+class StateRegistry:
+    """Named objects whose state is saved and restored. Models are saved unwrapped (no prefixes)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Stateful] = {}
+
+    def register(self, name: str, obj: Any) -> None:
+        if name in self._objects:
+            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
+        if obj is None:
+            return
+        if isinstance(obj, torch.nn.Module):
+            obj = unwrap_model(obj)
+        if not isinstance(obj, Stateful):
+            raise TypeError(f"{name!r} ({type(obj).__name__}) has no state_dict()/load_state_dict()")
+        self._objects[name] = obj
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._objects)
+
+    def get(self, name: str) -> Optional[Stateful]:
+        return self._objects.get(name)
+
+    def state_dict(self) -> dict:
+        return {name: obj.state_dict() for name, obj in self._objects.items()}
+
+    def load_state_dict(self, states: dict) -> None:
+        """Restore every registered object; a name missing from the file is an error naming it."""
+        missing = [name for name in self._objects if name not in states]
+        if missing:
+            raise KeyError(f"checkpoint has no state for {missing}; it holds {sorted(states)}")
+        for name, obj in self._objects.items():
+            state = states[name]
+            if isinstance(obj, torch.nn.Module):
+                state = align_wrapper_prefixes(state, obj.state_dict().keys())
+            obj.load_state_dict(state)
+        extra = sorted(set(states) - set(self._objects))
+        if extra:
+            log.warning("checkpoint holds state for %s, which nothing registered; ignored", extra)
+
+
+def capture_rng() -> dict:
+    """This process's RNG states as plain data (numpy's as a tensor: weights_only refuses ndarrays)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": None, "cuda": None}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("numpy") is not None:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.cpu().numpy().astype("uint32"), pos, has_gauss, gauss))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate insists on tuples; serialization may hand back lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % (2**32))
+
+
+def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: dict) -> dict:
+    return {
+        "format": PAYLOAD_FORMAT,
+        "format_version": PAYLOAD_VERSION,
+        KEY_STATE: states,
+        KEY_PROGRESS: progress.state_dict(),
+        KEY_RNG: rng_per_rank,
+        KEY_CONFIG: config,
+        KEY_META: versions() | {"world_size": len(rng_per_rank)},
+    }
+
+
+def versions() -> dict:
+    return {"harness_version": __version__, "torch_version": str(torch.__version__)}
+
+
+def check_payload(payload: Any, source: str) -> dict:
+    """Raise a clear error unless ``payload`` is a harness checkpoint of a version we can read."""
+    if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
+        raise ValueError(f"{source} is not a harness checkpoint (no format marker); "
+                         "for plain weights use checkpoint.init_from")
+    if payload.get("format_version") != PAYLOAD_VERSION:
+        raise ValueError(f"{source} has checkpoint format v{payload.get('format_version')}, "
+                         f"this harness {__version__} reads v{PAYLOAD_VERSION}")
+    return payload
+
+
+def extract_model_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Model weights from any common file layout, wrapper prefixes removed.
+
+    Understands harness checkpoints, plain state_dicts, ``{"model": ...}`` (detectron2/fvcore),
+    ``{"state_dict": ...}`` (Lightning), ``{"model_state_dict": ...}`` and full pickled modules.
+    """
+    if isinstance(obj, torch.nn.Module):
+        return strip_wrapper_prefixes(unwrap_model(obj).state_dict())
+    if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
+        obj = obj[KEY_STATE][MODEL]
+    elif isinstance(obj, dict) and not _is_tensor_map(obj):
+        for key in ("model", "state_dict", "model_state_dict", "module"):
+            if key in obj and isinstance(obj[key], (dict, torch.nn.Module)):
+                return extract_model_state(obj[key], source)
+    if isinstance(obj, dict) and _is_tensor_map(obj):
+        return strip_wrapper_prefixes(obj)
+    raise ValueError(f"{source} holds no model weights that harness recognises (found "
+                     f"{type(obj).__name__}{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''})")
+
+
+def _is_tensor_map(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())

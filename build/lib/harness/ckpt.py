@@ -1,0 +1,466 @@
+"""``python -m harness.ckpt``: look inside, verify, compare and export checkpoints.
+
+    python -m harness.ckpt inspect PATH [--json] [--unsafe]
+    python -m harness.ckpt verify PATH
+    python -m harness.ckpt diff A B [--json]
+    python -m harness.ckpt export PATH OUT [--dtype bf16|fp16|fp32] [--format safetensors|torch]
+
+PATH is a checkpoint folder (``step_*``), a run's checkpoint folder (its newest complete checkpoint
+is used), or a single file: a harness ``state.pt``, a plain state_dict, a detectron2/Lightning-style
+dict, or (with ``--unsafe`` only) a pickled full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from harness.checkpoint.payload import PAYLOAD_FORMAT, extract_model_state
+from harness.checkpoint.format import UnsafeCheckpoint, torch_load
+from harness.checkpoint.layout import MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, STEP_DIR
+from harness.checkpoint.store import CheckpointStore
+from harness.checkpoint.storage.local import LocalStorage
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)
+EXIT_USAGE = 2
+
+SAFETENSORS_SUFFIX = ".safetensors"
+SHA256_SUFFIX = ".sha256"  # OUT.sha256 holds "<hex>  <name>", the format `sha256sum -c` reads
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_FORMATS = ("torch", "safetensors")
+SAFETENSORS_HINT = "HINT: pip install safetensors (or use --format torch)"
+
+
+class ToolError(Exception):
+    """A problem to report to the user in one line (missing file, not a checkpoint, ...)."""
+
+
+@dataclass
+class Located:
+    """What PATH resolved to: the payload file, and the checkpoint it belongs to if any."""
+
+    file: str
+    store: Optional[CheckpointStore] = None
+    ref: Optional[CheckpointRef] = None
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    """One checkpoint (``step_*`` or a folder with a manifest), as opposed to a run's folder."""
+    path = path.rstrip("/") or path
+    return os.path.exists(os.path.join(path, MANIFEST_NAME)) or bool(STEP_DIR.match(os.path.basename(path)))
+
+
+def locate(path: str) -> Located:
+    path = path.rstrip("/") or path
+    if not os.path.exists(path):
+        raise ToolError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        return Located(file=path)
+    if is_checkpoint_folder(path):
+        store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))
+        name = os.path.basename(os.path.abspath(path))
+        ref = next((r for r in store.list_complete() if r.name == name), None)
+        if ref is None:
+            raise ToolError(f"{path}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
+        return Located(file=os.path.join(path, PAYLOAD_NAME), store=store, ref=ref)
+    store = CheckpointStore(LocalStorage(path))
+    ref = store.latest_listed()
+    if ref is None:
+        raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    return Located(file=os.path.join(store.root, ref.name, PAYLOAD_NAME), store=store, ref=ref)
+
+
+def load_any(path: str, unsafe: bool) -> Any:
+    """The object stored in ``path`` (a ``.safetensors`` file gives its tensor dict).
+
+    Raises ToolError, in one line, for a file that is unreadable, truncated, not a torch file, or that
+    needs full unpickling without ``unsafe``.
+    """
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return _load_safetensors(path)
+    try:
+        return torch_load(path, map_location="cpu", unsafe=unsafe)
+    except UnsafeCheckpoint as error:
+        raise ToolError(str(error)) from None
+    except Exception as error:  # unpicklers raise arbitrary types on garbage; reported, not swallowed
+        raise ToolError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
+                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    safetensors_torch = _import_safetensors(f"reading {path}")
+    try:
+        return safetensors_torch.load_file(path, device="cpu")
+    except Exception as error:  # the Rust reader raises its own error types on bad headers
+        raise ToolError(f"{path}: not a readable safetensors file (truncated?): {error}") from None
+
+
+def _import_safetensors(purpose: str) -> Any:
+    try:
+        import safetensors.torch as safetensors_torch
+    except ImportError:
+        raise ToolError(f"{purpose} needs the safetensors package, which is not installed. "
+                        f"{SAFETENSORS_HINT}") from None
+    return safetensors_torch
+
+
+def iter_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) for every tensor in a nested structure."""
+    return ((key, value) for key, value in iter_leaves(obj) if isinstance(value, torch.Tensor))
+
+
+def digest(obj: Any) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor in sorted key order."""
+    hasher = hashlib.sha256()
+    for key, tensor in sorted(iter_tensors(obj), key=lambda item: item[0]):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
+    """The named groups of a checkpoint: harness payload sections, or a single 'model' group."""
+    if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
+        return dict(obj["state"])
+    try:
+        return {"model": extract_model_state(obj, source)}
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+
+
+def describe(path: str, unsafe: bool = False) -> dict:
+    located = locate(path)
+    payload = load_any(located.file, unsafe)
+    groups = groups_of(payload, located.file)
+    report: dict[str, Any] = {
+        "path": located.file,
+        "kind": "harness" if isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT else "weights",
+        "step": None, "bytes": os.path.getsize(located.file), "groups": {}, "digests": {},
+    }
+    if report["kind"] == "harness":
+        report["step"] = int(payload["progress"]["step"])
+        report["progress"] = payload["progress"]
+        report["meta"] = payload.get("meta", {})
+        report["world_size"] = len(payload.get("rng", []))
+    for name, group in groups.items():
+        tensors = [{"key": key, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                    "bytes": t.numel() * t.element_size()} for key, t in iter_tensors(group)]
+        report["groups"][name] = {"tensors": tensors, "bytes": sum(t["bytes"] for t in tensors)}
+        report["digests"][name] = digest(group)
+    report["digests"].setdefault("optimizer", None)
+    return report
+
+
+def print_description(report: dict) -> None:
+    print(f"{report['path']}  ({report['kind']}, {report['bytes'] / 1e6:.2f} MB)")
+    if report["step"] is not None:
+        meta = report.get("meta", {})
+        print(f"step {report['step']}  epoch {report['progress']['epoch']}  "
+              f"batch {report['progress']['batch_in_epoch']}  world size {report['world_size']}  "
+              f"harness {meta.get('harness_version')}  torch {meta.get('torch_version')}")
+    for name, group in report["groups"].items():
+        print(f"\n[{name}] {len(group['tensors'])} tensors, {group['bytes'] / 1e6:.2f} MB, "
+              f"digest {report['digests'][name][:16]}")
+        for tensor in group["tensors"]:
+            print(f"  {tensor['key']:<48} {str(tuple(tensor['shape'])):<16} {tensor['dtype']:<9} "
+                  f"{tensor['bytes']}")
+
+
+def verify(path: str) -> list[str]:
+    """Problems found in one checkpoint folder or every checkpoint of a run folder."""
+    if not os.path.isdir(path):
+        raise ToolError(f"{path}: not a checkpoint folder")
+    if is_checkpoint_folder(path):
+        located = locate(path)
+        refs, store = [located.ref], located.store
+    else:
+        store = CheckpointStore(LocalStorage(path))
+        refs = store.list_complete()
+        if not refs:
+            raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    problems = []
+    for ref in refs:
+        found = store.problems(ref, checksum=True)
+        problems += [f"{store.root}/{problem}" for problem in found]
+        print(f"{ref.name}: {'OK' if not found else 'CORRUPT'}")
+    return problems
+
+
+# ---- diff -------------------------------------------------------------------------------------------
+
+def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested structure: tensors, numbers, strings, None."""
+    if isinstance(obj, dict):
+        for key in obj:
+            yield from iter_leaves(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            yield from iter_leaves(item, f"{prefix}.{index}" if prefix else str(index))
+    else:
+        yield prefix, obj
+
+
+def flatten_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, Any], dict]:
+    """Every leaf of every group, keyed ``group.key`` (``model.fc.weight``, ``optimizer.state.0.step``),
+    and a short description of the file. Raises ToolError like ``describe``."""
+    located = locate(path)
+    payload = load_any(located.file, unsafe)
+    harness = isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT
+    leaves = {f"{name}.{key}" if key else name: value
+              for name, group in groups_of(payload, located.file).items()
+              for key, value in iter_leaves(group)}
+    info = {"path": located.file, "kind": "harness" if harness else "weights",
+            "step": int(payload["progress"]["step"]) if harness else None}
+    return leaves, info
+
+
+def compare_tensors(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """(number of differing elements, max |a - b| over them) for tensors of equal shape and dtype.
+
+    Elements are compared exactly in their own dtype (no rounding of large integers); NaN equals NaN
+    at the same position, and NaN against a number is a difference of inf.
+    """
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype == torch.bool:
+        a, b = a.to(torch.int8), b.to(torch.int8)
+    differ = a != b
+    if a.is_floating_point() or a.is_complex():
+        differ &= ~(torch.isnan(a) & torch.isnan(b))
+    count = int(differ.sum())
+    if not count:
+        return 0, 0.0
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    gaps = (a[differ].to(wide) - b[differ].to(wide)).abs()
+    gaps = torch.nan_to_num(gaps, nan=float("inf"), posinf=float("inf"))
+    return count, float(gaps.max())
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN == NaN for our purposes
+    return type(a) is type(b) and a == b
+
+
+def diff_checkpoints(path_a: str, path_b: str, unsafe: bool = False) -> dict:
+    """What differs between two checkpoints (harness payloads or plain weight files, any mix).
+
+    Returns a report with ``identical`` (bool), ``only_a`` / ``only_b`` (keys in one file only),
+    ``mismatched`` (same key, different shape or dtype), ``differing`` (tensors with different values:
+    count of differing elements and max abs difference), ``values`` (non-tensor leaves that differ,
+    such as a learning rate) and ``equal`` (how many leaves are the same). Groups are compared as the
+    harness saves them (model, optimizer, scheduler, ...); a plain weight file is one ``model`` group,
+    so an exported file can be compared with the checkpoint it came from.
+    Raises ToolError for a file that cannot be read.
+    """
+    leaves_a, info_a = flatten_checkpoint(path_a, unsafe)
+    leaves_b, info_b = flatten_checkpoint(path_b, unsafe)
+    report: dict[str, Any] = {
+        "a": info_a, "b": info_b,
+        "only_a": sorted(set(leaves_a) - set(leaves_b)),
+        "only_b": sorted(set(leaves_b) - set(leaves_a)),
+        "mismatched": [], "differing": [], "values": [], "equal": 0,
+    }
+    for key in [key for key in leaves_a if key in leaves_b]:
+        a, b = leaves_a[key], leaves_b[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                report["mismatched"].append({"key": key, "a": _signature(a), "b": _signature(b)})
+                continue
+            count, max_abs = compare_tensors(a, b)
+            if count:
+                report["differing"].append({"key": key, "count": count, "numel": a.numel(),
+                                            "max_abs": max_abs})
+            else:
+                report["equal"] += 1
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or not _same_value(a, b):
+            report["values"].append({"key": key, "a": _printable(a), "b": _printable(b)})
+        else:
+            report["equal"] += 1
+    report["identical"] = not (report["only_a"] or report["only_b"] or report["mismatched"]
+                               or report["differing"] or report["values"])
+    return report
+
+
+def _signature(tensor: torch.Tensor) -> dict:
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", "")}
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def print_diff(report: dict) -> None:
+    for side in ("a", "b"):
+        info = report[side]
+        step = f", step {info['step']}" if info["step"] is not None else ""
+        print(f"{side.upper()}: {info['path']}  ({info['kind']}{step})")
+    for side in ("a", "b"):
+        keys = report[f"only_{side}"]
+        if keys:
+            print(f"\nonly in {side.upper()} ({len(keys)}):")
+            for key in keys:
+                print(f"  {key}")
+    if report["mismatched"]:
+        print(f"\nshape/dtype mismatch ({len(report['mismatched'])}):")
+        for item in report["mismatched"]:
+            print(f"  {item['key']:<48} A {tuple(item['a']['shape'])} {item['a']['dtype']}  "
+                  f"B {tuple(item['b']['shape'])} {item['b']['dtype']}")
+    if report["differing"]:
+        print(f"\ntensors that differ ({len(report['differing'])}):")
+        for item in report["differing"]:
+            print(f"  {item['key']:<48} max |A-B| {item['max_abs']:.6g}  "
+                  f"{item['count']}/{item['numel']} elements")
+    if report["values"]:
+        print(f"\nvalues that differ ({len(report['values'])}):")
+        for item in report["values"]:
+            print(f"  {item['key']:<48} A {item['a']!r}  B {item['b']!r}")
+    verdict = "identical" if report["identical"] else "DIFFERENT"
+    print(f"\n{verdict}: {report['equal']} entries equal")
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of any checkpoint layout, wrapper prefixes stripped, floating tensors cast
+    to ``dtype`` (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
+    located = locate(path)
+    payload = load_any(located.file, unsafe)
+    try:
+        weights = extract_model_state(payload, located.file)
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+    if dtype is None:
+        return weights
+    target = EXPORT_DTYPES[dtype]
+    return {key: tensor.to(target) if tensor.is_floating_point() else tensor
+            for key, tensor in weights.items()}
+
+
+def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = "torch",
+                   unsafe: bool = False) -> str:
+    """Write the model weights of ``path`` to ``out`` and its checksum to ``out.sha256``.
+
+    Both files are written atomically (temp file, fsync, rename, fsync of the folder): a crash leaves
+    the previous ``out`` or the new one, never a partial file. Returns the sha256 hex of ``out``.
+    Raises ToolError when the input cannot be read, safetensors is missing for ``--format
+    safetensors``, or ``out`` cannot be written (the message names the folder).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ToolError(f"--format {fmt!r} is invalid: expected one of {EXPORT_FORMATS}")
+    encode = _safetensors_encoder() if fmt == "safetensors" else None
+    if os.path.isdir(out):
+        raise ToolError(f"{out}: is a folder; give the output file name, e.g. {out.rstrip('/')}/model.pt")
+    weights = exportable_weights(path, dtype, unsafe)
+    storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
+    name = os.path.basename(out)
+    data = encode(weights) if encode is not None else None
+
+    def fill(handle) -> None:
+        if data is None:
+            torch.save(weights, handle)
+        else:
+            handle.write(data)
+
+    try:
+        _, sha256 = storage.write(name, fill)
+        line = f"{sha256}  {name}\n".encode()
+        storage.write(name + SHA256_SUFFIX, lambda handle: handle.write(line))
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        raise ToolError(f"cannot write {out}: {error}. HINT: check that {storage.root} exists, is "
+                        "writable and has free space") from None
+    return sha256
+
+
+def _safetensors_encoder():
+    """A function weights -> safetensors bytes. Raises ToolError when safetensors is not installed."""
+    safetensors_torch = _import_safetensors("--format safetensors")
+
+    def encode(weights: dict[str, torch.Tensor]) -> bytes:
+        # safetensors refuses tensors that share storage (tied weights, views); independent
+        # contiguous copies are what a loader expects anyway.
+        # https://huggingface.co/docs/safetensors/torch_shared_tensors
+        tensors = {key: tensor.detach().contiguous().clone() for key, tensor in weights.items()}
+        return safetensors_torch.save(tensors, metadata={"format": "pt"})
+
+    return encode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.ckpt", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds, with content digests")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--unsafe", action="store_true",
+                         help="allow full unpickling (runs code from the file; trusted files only)")
+    check = commands.add_parser("verify", help="check files against their manifests")
+    check.add_argument("path")
+    compare = commands.add_parser("diff", help="which tensors differ between two checkpoints "
+                                               "(exit 0: identical, 1: different)")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.add_argument("--unsafe", action="store_true",
+                         help="allow full unpickling (runs code from the files; trusted files only)")
+    export = commands.add_parser("export", help="model weights only, prefixes stripped, for inference "
+                                                "or fine-tuning; prints the sha256 of OUT")
+    export.add_argument("path")
+    export.add_argument("out")
+    export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES),
+                        help="cast floating tensors (default: keep their dtype)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="torch", dest="fmt",
+                        help="torch (torch.save) or safetensors (needs the safetensors package)")
+    export.add_argument("--unsafe", action="store_true",
+                        help="allow full unpickling (runs code from the file; trusted files only)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            report = describe(args.path, unsafe=args.unsafe)
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                print_description(report)
+            return EXIT_OK
+        if args.command == "verify":
+            problems = verify(args.path)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_PROBLEM if problems else EXIT_OK
+        if args.command == "diff":
+            report = diff_checkpoints(args.a, args.b, unsafe=args.unsafe)
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                print_diff(report)
+            return EXIT_OK if report["identical"] else EXIT_PROBLEM
+        if args.command == "export":
+            sha256 = export_weights(args.path, args.out, args.dtype, args.fmt, unsafe=args.unsafe)
+            print(f"{sha256}  {args.out}")
+            return EXIT_OK
+    except ToolError as error:
+        # One line, so the error is the last line of a log and greps well (the HINT stays in it).
+        print(f"harness.ckpt: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
+        return EXIT_PROBLEM
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Collectives that keep ranks together when one of them fails.
+
+Without these, a rank that raises leaves its peers waiting in the next collective until
+``trainer.collective_timeout_s`` (30 minutes by default). Every helper here is a collective: every
+rank must call it, in the same order. Errors name the failing rank(s).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.checkpoint.errors import CheckpointError
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def on_rank0(work: Callable[[], Any], failure: str, is_main: bool,
+             error_type: type[Exception] = CheckpointError) -> Any:
+    """Run ``work`` on rank 0 and hand its result to every rank.
+
+    If it raised, every rank raises ``error_type`` with the message "<failure> (rank 0): <error>",
+    so no rank is left waiting in a later collective for a peer that died. Results must pickle.
+    """
+    result, error = None, None
+    if is_main:
+        try:
+            result = work()
+        except Exception as exc:  # disk, network, serialization: every rank must learn it
+            error = exc
+    shared = [result, None if error is None else f"{type(error).__name__}: {error}"]
+    if distributed():
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise error_type(f"{failure} (rank 0): {shared[1]}") from error
+    return shared[0]
+
+
+def raise_if_any_failed(error: Optional[BaseException], failure: str, device: torch.device) -> None:
+    """Every rank passes its own error (or None); if any rank failed, every rank raises.
+
+    The failing rank re-raises its own error; the others raise CheckpointError naming which ranks
+    failed, so every log says where to look.
+    """
+    if not distributed():
+        if error is not None:
+            raise error
+        return
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    failed[dist.get_rank()] = int(error is not None)
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    if error is not None:
+        raise error
+    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+    if ranks:
+        raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")

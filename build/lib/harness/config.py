@@ -1,0 +1,217 @@
+"""The configuration schema: dataclasses registered in Hydra's ConfigStore.
+
+The YAML files in ``conf/`` are presets over this schema. Every field has a one-line comment; each
+section validates itself in ``__post_init__`` and names the offending key, so a bad value fails at
+start, before any process is launched. This module imports nothing else from the harness.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, restart me"
+BEST_MODES = ("min", "max")
+SPOT_PROVIDERS = ("aws", "gcp", "azure")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # total optimizer steps of the run (resumed runs continue up to it)
+    seed: int = 0  # seeds model init, data order and every rank's RNG
+    log_every: int = 25  # steps between progress lines when stdout is not a terminal
+    num_threads: Optional[int] = None  # torch threads per rank; null: CPU cores / ranks on the node
+    collective_timeout_s: int = 1800  # how long ranks wait in a collective (e.g. for rank 0's save)
+    metrics_file: Optional[str] = None  # JSON lines of per-step loss from rank 0; null: <dir>/metrics.jsonl
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
+        _require(self.seed >= 0, "trainer.seed", self.seed, "an integer >= 0")
+        _require(self.log_every >= 1, "trainer.log_every", self.log_every, "an integer >= 1")
+        _require(self.num_threads is None or self.num_threads >= 1, "trainer.num_threads",
+                 self.num_threads, "null or an integer >= 1")
+        _require(self.collective_timeout_s >= 1, "trainer.collective_timeout_s",
+                 self.collective_timeout_s, "seconds >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints/${name}"  # the run's checkpoint folder (path or fsspec URL); stable across relaunches
+    every_steps: int = 100  # save every N steps (and always at the last step)
+    keep_last: int = 3  # keep the newest K checkpoints; 0 keeps all
+    keep_every: int = 0  # also keep, forever, checkpoints whose step is a multiple of N; 0: off
+    keep_best: int = 0  # also keep the best K by best_metric; 0: off
+    best_metric: Optional[str] = None  # name of a logged metric that ranks checkpoints for keep_best
+    best_mode: str = "min"  # "min" or "max": which end of best_metric is best
+    resume: bool = True  # resume from the newest complete checkpoint in dir when one exists
+    verify: bool = True  # check sha256 of a checkpoint against its manifest before loading it
+    unsafe_load: bool = False  # allow full unpickling (runs code from the file!); only for files you trust
+    init_from: Optional[str] = None  # pretrained weights for a fresh run (model only; ignored on resume)
+    init_rename: Dict[str, str] = field(default_factory=dict)  # prefix renames for init_from: {old.: new.}
+    init_strict: bool = False  # fail when init_from has missing, unexpected or mis-shaped keys
+    async_save: bool = False  # snapshot to host memory, then write in a background thread
+    staging_dir: Optional[str] = None  # write checkpoints here first (local, fast), upload to dir behind
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "checkpoint.dir", self.dir, "a non-empty path or URL")
+        _require(self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, "an integer >= 1")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "an integer >= 0 (0 keeps all)")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", self.keep_every, "an integer >= 0")
+        _require(self.keep_best >= 0, "checkpoint.keep_best", self.keep_best, "an integer >= 0")
+        _require(self.best_mode in BEST_MODES, "checkpoint.best_mode", self.best_mode, "'min' or 'max'")
+        if self.keep_best and not self.best_metric:
+            raise ConfigError(
+                f"checkpoint.keep_best={self.keep_best} needs checkpoint.best_metric: "
+                "HINT: set checkpoint.best_metric=<name of a value passed to session.log()>")
+
+
+@dataclass
+class PreemptConfig:
+    signals: List[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"])  # signals that mean "save and stop"
+    check_every: int = 0  # steps between cross-rank agreements (one tiny all-reduce); 0: auto (<1% of step time, <=0.25 s apart)
+    grace_s: float = 30.0  # seconds between the signal and a hard kill (k8s/GCP 30, AWS spot 120)
+    spot: Optional[str] = None  # poll a cloud termination notice: "aws", "gcp" or null
+    spot_url: Optional[str] = None  # notice endpoint; null: the provider's metadata URL
+    spot_poll_s: float = 5.0  # seconds between notice polls
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            _require(isinstance(getattr(signal, str(name), None), signal.Signals),
+                     "preempt.signals", name, "signal names such as SIGTERM or SIGUSR1")
+        _require(self.check_every >= 0, "preempt.check_every", self.check_every, "0 (auto) or an integer >= 1")
+        _require(self.grace_s > 0, "preempt.grace_s", self.grace_s, "seconds > 0")
+        _require(self.spot is None or self.spot in SPOT_PROVIDERS, "preempt.spot", self.spot,
+                 f"null or one of {SPOT_PROVIDERS}")
+        _require(self.spot_poll_s > 0, "preempt.spot_poll_s", self.spot_poll_s, "seconds > 0")
+
+
+@dataclass
+class TaskConfig:
+    model: Any = MISSING  # _target_ of an nn.Module and its arguments
+    optimizer: Any = MISSING  # _target_ of an optimizer, with _partial_: true (params come later)
+    scheduler: Any = None  # _target_ of an LR scheduler with _partial_: true, or null
+    data: Any = MISSING  # _target_ of a map-style Dataset
+    loss: str = MISSING  # dotted path of loss_fn(model, batch) -> scalar loss tensor
+    batch_size: int = 32  # samples per rank per step
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True  # reshuffle the data every epoch (DistributedSampler)
+    meta_init: bool = False  # on resume, skip random init (meta device); only if every buffer is persistent
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "task.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.num_workers >= 0, "task.num_workers", self.num_workers, "an integer >= 0")
+        for key in ("model", "optimizer", "data"):
+            value = getattr(self, key)
+            _require(isinstance(value, dict) and "_target_" in value, f"task.{key}", value,
+                     "a mapping with a _target_")
+
+
+@dataclass
+class LocalLauncherConfig:
+    backend: str = "local"  # runs N worker processes on this machine
+    nproc_per_node: Optional[int] = None  # workers; null: one per GPU, or 2 gloo processes without GPU
+    max_restarts: int = 0  # relaunch the job up to N times when it exits "preempted" (75)
+    master_addr: str = "127.0.0.1"  # rendezvous address of rank 0
+
+    def __post_init__(self) -> None:
+        _require(self.nproc_per_node is None or self.nproc_per_node >= 1, "launcher.nproc_per_node",
+                 self.nproc_per_node, "null (auto) or an integer >= 1")
+        _require(self.max_restarts >= 0, "launcher.max_restarts", self.max_restarts, "an integer >= 0")
+
+
+@dataclass
+class DirectLauncherConfig:
+    backend: str = "direct"  # run in this process; ranks come from torchrun or srun variables
+
+
+@dataclass
+class SlurmLauncherConfig:
+    backend: str = "slurm"  # submit through submitit
+    nodes: int = 1  # nodes of the job
+    nproc_per_node: int = 1  # tasks (ranks) per node; one per GPU
+    gpus_per_node: int = 0  # GPUs per node (--gpus-per-node)
+    cpus_per_task: int = 1  # CPUs per task
+    mem_gb: Optional[int] = None  # memory per node in GB; null: the partition's default
+    timeout_min: int = 60  # job time limit in minutes
+    partition: Optional[str] = None  # partition; null: the cluster's default
+    account: Optional[str] = None  # account to charge
+    qos: Optional[str] = None  # quality of service
+    constraint: Optional[str] = None  # node features (--constraint)
+    signal_delay_s: int = 120  # lead time of the warning signal (USR2, to every task) before the time limit
+    max_timeout_requeues: int = 3  # requeues allowed after time-outs (preemptions are unlimited)
+    folder: str = "${checkpoint.dir}/slurm"  # where submitit keeps logs and job pickles (stable)
+    additional: Dict[str, Any] = field(default_factory=dict)  # extra sbatch options {name: value}
+    follow: bool = False  # wait and print the job's state until it ends
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "nproc_per_node", "cpus_per_task", "timeout_min"):
+            value = getattr(self, key)
+            _require(value >= 1, f"launcher.{key}", value, "an integer >= 1")
+        _require(self.gpus_per_node >= 0, "launcher.gpus_per_node", self.gpus_per_node, "an integer >= 0")
+        _require(self.signal_delay_s >= 1, "launcher.signal_delay_s", self.signal_delay_s, "seconds >= 1")
+        _require(self.max_timeout_requeues >= 0, "launcher.max_timeout_requeues",
+                 self.max_timeout_requeues, "an integer >= 0")
+
+
+LAUNCHERS = {"local": LocalLauncherConfig, "direct": DirectLauncherConfig, "slurm": SlurmLauncherConfig}
+
+
+@dataclass
+class HarnessConfig:
+    name: str = "example"  # the run's identity: its checkpoint folder and SLURM job name derive from it
+    launcher: Any = MISSING  # how ranks are started: launcher=local | direct | slurm
+    task: TaskConfig = MISSING  # what is trained: task=example, or your own task preset
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", self.name,
+                 "a non-empty run name without '/'")
+        _require(isinstance(self.launcher, tuple(LAUNCHERS.values())), "launcher", self.launcher,
+                 f"one of launcher={'|'.join(LAUNCHERS)}")
+
+
+def register_configs() -> None:
+    """Register the schema so conf/*.yaml presets are checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="harness_schema", node=HarnessConfig)
+    for name, schema in LAUNCHERS.items():
+        store.store(group="launcher", name=f"{name}_schema", node=schema)
+    store.store(group="task", name="task_schema", node=TaskConfig)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as builtins (safe for weights_only checkpoints and for pickling)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def validate(data: dict | DictConfig) -> HarnessConfig:
+    """Build and validate the typed config from plain data (e.g. sent to a worker).
+
+    Raises ConfigError (or OmegaConf's ValidationError, which names the key) on bad values.
+    """
+    plain = to_plain(data) if isinstance(data, DictConfig) else dict(data)
+    launcher = dict(plain.get("launcher") or {})
+    backend = launcher.get("backend", "local")
+    if backend not in LAUNCHERS:
+        raise ConfigError(f"launcher.backend={backend!r} is invalid: expected one of {list(LAUNCHERS)}")
+    schema = OmegaConf.structured(HarnessConfig)
+    schema.launcher = OmegaConf.structured(LAUNCHERS[backend])
+    merged = OmegaConf.merge(schema, plain)
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,31 @@
+"""Run one rank in this process: the ranks were started by torchrun or ``srun`` (see slurm/)."""
+
+from __future__ import annotations
+
+import time
+
+from harness.config import PREEMPTED_EXIT_CODE
+from harness.launch.worker import install_stop_flag, run_worker
+
+
+def run(config_data: dict, cfg=None) -> int:
+    """Train this rank; under SLURM, rank 0 requeues the job after a preemption's save.
+
+    Stop handlers go in first, before anything imports torch (about 2 s): a signal during start-up
+    is then a stop request. Without a launcher of ours, time-outs cannot be told from preemptions
+    (the time limit is not in the config), so every preempted stop requeues; SLURM's limits apply.
+    """
+    flag = install_stop_flag(config_data)
+    started = time.monotonic()
+    from harness.env import read_env  # imports torch
+
+    env = read_env()
+    if env.source != "slurm":
+        return run_worker(config_data, flag)
+    from harness.launch.slurm import announce, requeue_after_preemption
+
+    announce(env)
+    code = run_worker(config_data, flag)
+    if code == PREEMPTED_EXIT_CODE:
+        requeue_after_preemption(env, None, time.monotonic() - started)
+    return code

@@ -1,0 +1,174 @@
+"""Run N worker processes on this machine, like torchrun, and rehearse a scheduler's restarts.
+
+Why not torch.distributed.elastic's agent: on SIGTERM it exits 1 (hiding our "preempted" code) and
+SIGKILLs workers after 30 s, and it does not forward SIGUSR1/SIGUSR2 by default. This launcher
+forwards every stop signal, waits for the ranks' agreed save, and returns their exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import yaml
+
+from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
+from harness.env import free_port
+
+# Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
+# one they do not handle would kill them mid-training without a save. SIGHUP (terminal closed) is
+# passed on as SIGTERM.
+CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+POLL_S = 0.05
+KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
+
+
+def default_nproc() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def say(text: str) -> None:
+    print(f"[harness.launch] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class WorkerGroup:
+    """The processes of one attempt, and the signals the launcher itself received."""
+
+    procs: list[subprocess.Popen]
+    stop_signals: frozenset[int]  # what the ranks handle (preempt.signals)
+    signals_received: list[int] = field(default_factory=list)
+
+    def translate(self, signum: int) -> Optional[int]:
+        """The signal to send the ranks for one the launcher caught, or None to send nothing."""
+        if signum in self.stop_signals:
+            return signum
+        if signum == signal.SIGHUP and signal.SIGTERM in self.stop_signals:
+            return signal.SIGTERM
+        return None
+
+    def forward(self, signum: int, frame) -> None:
+        self.signals_received.append(signum)
+        target = self.translate(signum)
+        if target is None:
+            say(f"{signal.Signals(signum).name} is not in preempt.signals: not forwarded to the ranks")
+            return
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, target)
+                except ProcessLookupError:
+                    pass
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int) -> dict[str, str]:
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR=master_addr,
+                MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT=str(attempt),
+                PYTHONUNBUFFERED="1")
+
+
+def _unblock_forwarded() -> None:
+    # Runs in each child before exec: the launcher blocks these signals while it spawns the ranks,
+    # and a blocked mask would be inherited by the worker.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+
+
+def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
+                stop_signals: frozenset[int]) -> tuple[int, bool]:
+    """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
+    port = free_port()
+    group = WorkerGroup([], stop_signals)
+    # A signal that arrives while the ranks are being spawned stays pending until every rank exists,
+    # so it is forwarded to all of them, not to the ones started so far.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
+    previous = {signum: signal.signal(signum, group.forward) for signum in CAUGHT}
+    try:
+        try:
+            for rank in range(nproc):
+                group.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "harness.launch.worker", config_path],
+                    env=worker_env(rank, nproc, master_addr, port, attempt),
+                    start_new_session=True,  # only forwarded signals reach the ranks
+                    preexec_fn=_unblock_forwarded))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+        return _wait(group), bool(group.signals_received)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        group.kill_all()
+
+
+def _wait(group: WorkerGroup) -> int:
+    failed_at: Optional[float] = None
+    while True:
+        codes = [proc.poll() for proc in group.procs]
+        # Ranks handle every signal they are sent from the first lines of the worker on, so one
+        # killed by a forwarded signal had not even reached them (interpreter start-up): nothing was
+        # lost since the newest checkpoint, so that counts as preempted, not failed.
+        forwarded = {-target for target in map(group.translate, group.signals_received) if target}
+        failures = [(rank, code) for rank, code in enumerate(codes)
+                    if code is not None and code not in (0, PREEMPTED_EXIT_CODE) and code not in forwarded]
+        if failures and failed_at is None:
+            failed_at = time.monotonic()
+            for rank, code in failures:
+                say(f"rank {rank} (pid {group.procs[rank].pid}) failed with {describe_exit(code)}; "
+                    "stopping the other ranks")
+        if all(code is not None for code in codes):
+            break
+        if failed_at is not None and time.monotonic() - failed_at > KILL_AFTER_FAILURE_S:
+            group.kill_all()
+        time.sleep(POLL_S)
+    if failures:
+        return failures[0][1] if failures[0][1] > 0 else 128 - failures[0][1]
+    if any(code in forwarded for code in codes):
+        say("ranks were stopped by a forwarded signal during start-up: nothing to save since the "
+            "newest checkpoint")
+        return PREEMPTED_EXIT_CODE
+    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
+    """Run the job, restarting it after a preemption up to ``launcher.max_restarts`` times."""
+    nproc = launcher.nproc_per_node or default_nproc()
+    stop_signals = frozenset(signal.Signals[name] for name in config_data["preempt"]["signals"])
+    with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
+        config_path = os.path.join(folder, "config.yaml")
+        with open(config_path, "w") as handle:
+            yaml.safe_dump(config_data, handle, sort_keys=False)
+        attempt = 0
+        while True:
+            say(f"starting {nproc} worker processes (attempt {attempt + 1})")
+            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt, stop_signals)
+            if code != PREEMPTED_EXIT_CODE:
+                return code
+            if signalled or attempt >= launcher.max_restarts:
+                say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
+                    "command to resume from the newest checkpoint)")
+                return code
+            attempt += 1
+            say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
+
+
+def run(config_data: dict, cfg: HarnessConfig) -> int:
+    """The backend entry (harness.launch.backend)."""
+    return run_local(config_data, cfg.launcher)

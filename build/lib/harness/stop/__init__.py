@@ -1,0 +1,1 @@
+"""Stopping: the signal flag (flag), cross-rank agreement (agreement), cloud notices (spot)."""
