@@ -93,7 +93,9 @@ wait_child() {
 
 restarts=0
 while true; do
-    "${command[@]}" &
+    # The harness reads it: a restart always resumes, even when the first launch had
+    # checkpoint.resume=false.
+    HARNESS_RESTART_COUNT=$restarts "${command[@]}" &
     child=$!
     wait_child
     if ((status != PREEMPTED_EXIT_CODE)); then

@@ -13,6 +13,7 @@ from typing import Optional
 MANIFEST_NAME = "manifest.json"
 PAYLOAD_NAME = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
 
 

@@ -30,6 +30,9 @@ def launch(cfg: DictConfig) -> int:
     try:
         config_data = to_plain(cfg)
         typed = validate(config_data)
+        if typed.task is None and typed.script is None:
+            raise ConfigError("nothing to train: choose a task preset (task=example) for the built-in "
+                              "loop, or run your own training script with script=path/to/train.py")
     except (ConfigError, ValueError) as error:
         print(f"harness: invalid configuration: {error}", file=sys.stderr)
         return 2

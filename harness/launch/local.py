@@ -7,6 +7,8 @@ forwards every stop signal, waits for the ranks' agreed save, and returns their 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -81,10 +83,27 @@ def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int)
                 PYTHONUNBUFFERED="1")
 
 
-def _unblock_forwarded() -> None:
-    # Runs in each child before exec: the launcher blocks these signals while it spawns the ranks,
-    # and a blocked mask would be inherited by the worker.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prepare_rank(launcher_pid: int) -> None:
+    """Runs in each child between fork and exec.
+
+    The stop signals stay BLOCKED (the launcher blocked them to spawn; the mask survives exec): one
+    that arrives before the rank installs its handlers stays pending and is handled, instead of
+    killing a rank that is still importing torch while its peers wait for it. The worker unblocks
+    them right after installing its handlers (harness.stop.flag).
+
+    The rank gets SIGTERM when the launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG): it saves
+    and exits instead of training on as an orphan next to a relaunched job.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the orphan guard in the worker still applies
+        pass
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
@@ -103,7 +122,7 @@ def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
                     [sys.executable, "-m", "harness.launch.worker", config_path],
                     env=worker_env(rank, nproc, master_addr, port, attempt),
                     start_new_session=True,  # only forwarded signals reach the ranks
-                    preexec_fn=_unblock_forwarded))
+                    preexec_fn=functools.partial(_prepare_rank, os.getpid())))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
         return _wait(group), bool(group.signals_received)
