@@ -57,18 +57,17 @@ class DistEnv:
         return torch.device("cpu")
 
 
-CONFIG_ENV = "HARNESS_CONFIG"  # path of the YAML config the launcher hands to a user's script
+CONFIG_ENV = "HARNESS_CONFIG"  # the resolved config (YAML text) the launcher hands to each rank
 
 
 def launched_config(environ: Mapping[str, str] | None = None) -> Optional[dict]:
-    """The config the launcher handed to this process (a user's script), or None."""
-    path = (os.environ if environ is None else environ).get(CONFIG_ENV)
-    if not path:
+    """The config the launcher handed to this process (a rank, or a user's script), or None."""
+    text = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if not text:
         return None
     import yaml
 
-    with open(path) as handle:
-        return yaml.safe_load(handle)
+    return yaml.safe_load(text)
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:

@@ -27,6 +27,11 @@ def step_of(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def is_plain_file_name(name: str) -> bool:
+    """Whether a manifest's file entry is a plain name inside its checkpoint folder (no path)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def payload_path(name: str) -> str:
     """The payload's path relative to the run folder, for checkpoint folder ``name``."""
     return f"{name}/{PAYLOAD_NAME}"

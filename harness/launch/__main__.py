@@ -13,6 +13,7 @@ A relaunch with the same ``name`` (or ``checkpoint.dir``) resumes from its newes
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -33,6 +34,9 @@ def launch(cfg: DictConfig) -> int:
         if typed.task is None and typed.script is None:
             raise ConfigError("nothing to train: choose a task preset (task=example) for the built-in "
                               "loop, or run your own training script with script=path/to/train.py")
+        if typed.script is not None and not os.path.isfile(typed.script):
+            raise ConfigError(f"script={typed.script}: no such file (relative paths start from "
+                              f"{os.getcwd()})")
     except (ConfigError, ValueError) as error:
         print(f"harness: invalid configuration: {error}", file=sys.stderr)
         return 2

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import NoReturn
 
 from harness.config import PREEMPTED_EXIT_CODE
-from harness.launch.worker import install_stop_flag, run_worker
+from harness.launch.worker import exit_now, install_stop_flag, run_worker
 
 
-def run(config_data: dict, cfg=None) -> int:
+def run(config_data: dict, cfg=None) -> NoReturn:
     """Train this rank; under SLURM, rank 0 requeues the job after a preemption's save.
 
     Stop handlers go in first, before anything imports torch (about 2 s): a signal during start-up
@@ -20,8 +21,11 @@ def run(config_data: dict, cfg=None) -> int:
     from harness.env import read_env  # imports torch
 
     env = read_env()
-    if env.source != "slurm":
-        return run_worker(config_data, flag)
+    code = run_worker(config_data, flag) if env.source != "slurm" else _run_under_srun(config_data, flag, env, started)
+    exit_now(code)  # this process is the rank: skip the teardown that can abort a finished run
+
+
+def _run_under_srun(config_data: dict, flag, env, started: float) -> int:
     from harness.launch.slurm import announce, requeue_after_preemption
 
     announce(env)

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +22,7 @@ import yaml
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
 from harness.progress import say as report_line
-from harness.env import free_port
+from harness.env import CONFIG_ENV, free_port
 
 # Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
 # one they do not handle would kill them mid-training without a save. SIGHUP (terminal closed) is
@@ -106,7 +105,7 @@ def _prepare_rank(launcher_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
+def run_attempt(config_text: str, nproc: int, master_addr: str, attempt: int,
                 stop_signals: frozenset[int]) -> tuple[int, bool]:
     """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
     port = free_port()
@@ -119,8 +118,8 @@ def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
         try:
             for rank in range(nproc):
                 group.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "harness.launch.worker", config_path],
-                    env=worker_env(rank, nproc, master_addr, port, attempt),
+                    [sys.executable, "-m", "harness.launch.worker"],
+                    env=worker_env(rank, nproc, master_addr, port, attempt) | {CONFIG_ENV: config_text},
                     start_new_session=True,  # only forwarded signals reach the ranks
                     preexec_fn=functools.partial(_prepare_rank, os.getpid())))
         finally:
@@ -171,22 +170,20 @@ def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
     """Run the job, restarting it after a preemption up to ``launcher.max_restarts`` times."""
     nproc = launcher.nproc_per_node or default_nproc()
     stop_signals = frozenset(signal.Signals[name] for name in config_data["preempt"]["signals"])
-    with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
-        config_path = os.path.join(folder, "config.yaml")
-        with open(config_path, "w") as handle:
-            yaml.safe_dump(config_data, handle, sort_keys=False)
-        attempt = 0
-        while True:
-            say(f"starting {nproc} worker processes (attempt {attempt + 1})")
-            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt, stop_signals)
-            if code != PREEMPTED_EXIT_CODE:
-                return code
-            if signalled or attempt >= launcher.max_restarts:
-                say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
-                    "command to resume from the newest checkpoint)")
-                return code
-            attempt += 1
-            say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
+    # Handed to the ranks in their environment: no file to leave behind if the launcher is killed.
+    config_text = yaml.safe_dump(config_data, sort_keys=False)
+    attempt = 0
+    while True:
+        say(f"starting {nproc} worker processes (attempt {attempt + 1})")
+        code, signalled = run_attempt(config_text, nproc, launcher.master_addr, attempt, stop_signals)
+        if code != PREEMPTED_EXIT_CODE:
+            return code
+        if signalled or attempt >= launcher.max_restarts:
+            say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
+                "command to resume from the newest checkpoint)")
+            return code
+        attempt += 1
+        say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
 
 
 def run(config_data: dict, cfg: HarnessConfig) -> int:

@@ -206,6 +206,8 @@ def absolute_dirs(config_data: dict) -> dict:
         value = data[section][key]
         if "://" not in value:
             data[section][key] = os.path.abspath(value)
+    if data.get("script"):
+        data["script"] = os.path.abspath(data["script"])
     if "://" in data["launcher"]["folder"]:
         raise SlurmError(f"launcher.folder={data['launcher']['folder']} is a URL, but submitit needs a "
                          "shared local folder for logs and job pickles. HINT: set launcher.folder="

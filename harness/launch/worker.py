@@ -1,8 +1,8 @@
 """One rank of a job: read the resolved config, train, exit with a meaningful code.
 
 Exit codes: 0 finished, 75 preempted (checkpoint saved, restart me), 1 error, 130 second Ctrl-C.
-Started by the local launcher as ``python -m harness.launch.worker CONFIG.yaml``; the SLURM and direct
-launchers call ``run_worker`` in-process.
+Started by the local launcher as ``python -m harness.launch.worker`` (the config in HARNESS_CONFIG);
+the SLURM and direct launchers call ``run_worker`` in-process.
 
 The stop-signal handlers are installed before torch is imported (about 2 s of start-up): a SIGTERM
 that reaches a rank while it starts is then a stop request, not a crash.
@@ -74,23 +74,19 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
 
 
 def run_script(path: str, args: list[str], config_data: dict) -> int:
-    """Run the user's training script as ``__main__`` in this rank, its config handed over in a file
-    named by HARNESS_CONFIG (``harness.load_config()`` reads it). The stop handlers installed
+    """Run the user's training script as ``__main__`` in this rank, its config handed over in the
+    environment variable HARNESS_CONFIG (``harness.load_config()`` reads it). The stop handlers installed
     before are adopted by the script's Session. Returns the script's exit code."""
     import runpy
-    import tempfile
 
     from harness.env import CONFIG_ENV
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="harness-config-") as handle:
-        yaml.safe_dump(config_data, handle, sort_keys=False)
-        handle.flush()
-        os.environ[CONFIG_ENV] = handle.name
-        sys.argv = [path, *args]
-        try:
-            runpy.run_path(path, run_name="__main__")
-        except SystemExit as done:  # sys.exit() / Preempted from the script
-            return _exit_code(done.code)
+    os.environ[CONFIG_ENV] = yaml.safe_dump(config_data, sort_keys=False)
+    sys.argv = [path, *args]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as done:  # sys.exit() / Preempted from the script
+        return _exit_code(done.code)
     return EXIT_OK
 
 
@@ -126,6 +122,12 @@ def entrypoint(main: Callable[[], object]) -> NoReturn:
     except BaseException:
         print(f"[rank {os.environ.get('RANK', '?')}] failed:\n{traceback.format_exc()}", file=sys.stderr)
         code = EXIT_ERROR
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    # Skip interpreter teardown: a late signal there (handlers are reset) or torch's process-group
+    # destructor can turn a finished rank's exit code into a crash.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -143,13 +145,16 @@ def install_stop_handlers(signals: Optional[Sequence[str]] = None) -> StopFlag:
     return flag
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m harness.launch.worker CONFIG.yaml (written by python -m harness.launch)",
-              file=sys.stderr)
+def main() -> int:
+    """``python -m harness.launch.worker``: one rank started by the local launcher."""
+    from harness.env import CONFIG_ENV
+
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        print(f"usage: {CONFIG_ENV}=<YAML config> python -m harness.launch.worker "
+              "(started by python -m harness.launch)", file=sys.stderr)
         return 2
-    with open(argv[0]) as handle:
-        config_data = yaml.safe_load(handle)
+    config_data = yaml.safe_load(text)
     flag = install_stop_flag(config_data)
     try:
         return run_worker(config_data, flag)
@@ -160,9 +165,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: a late signal there (handlers are reset) or torch's process-group
-    # destructor can turn a finished rank's exit code into a crash.
-    os._exit(code)
+    exit_now(main())

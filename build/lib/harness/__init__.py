@@ -3,7 +3,7 @@
 The public API, imported lazily so that ``import harness`` stays light (a rank installs its stop
 handlers before anything imports torch)::
 
-    from harness import Session, Preempted, CheckpointError, validate
+    from harness import Session, Preempted, CheckpointError, validate, load_config, entrypoint
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ _EXPORTS = {
     "ConfigError": "harness.config",
     "validate": "harness.config",
     "PREEMPTED_EXIT_CODE": "harness.config",
+    "load_config": "harness.session",
+    "entrypoint": "harness.launch.worker",
+    "install_stop_handlers": "harness.launch.worker",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

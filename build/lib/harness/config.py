@@ -35,6 +35,11 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch threads per rank; null: CPU cores / ranks on the node
     collective_timeout_s: int = 1800  # how long ranks wait in a collective (e.g. for rank 0's save)
     metrics_file: Optional[str] = None  # JSON lines of per-step loss from rank 0; null: <dir>/metrics.jsonl
+    accumulate: int = 1  # micro-batches per optimizer step (task.batch_size is the micro-batch per rank)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on the rank's device; fp16 adds a GradScaler)
+    clip_grad_norm: Optional[float] = None  # max gradient norm, or null (unscaled first under fp16)
+    eval_every: int = 0  # steps between evaluations on task.eval_data (logged as val_loss); 0: off
+    ema_decay: Optional[float] = None  # keep an exponential moving average of the weights; null: off
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -44,6 +49,13 @@ class TrainerConfig:
                  self.num_threads, "null or an integer >= 1")
         _require(self.collective_timeout_s >= 1, "trainer.collective_timeout_s",
                  self.collective_timeout_s, "seconds >= 1")
+        _require(self.accumulate >= 1, "trainer.accumulate", self.accumulate, "an integer >= 1")
+        _require(self.precision in PRECISIONS, "trainer.precision", self.precision, " | ".join(PRECISIONS))
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "trainer.clip_grad_norm",
+                 self.clip_grad_norm, "null or a norm > 0")
+        _require(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1, "trainer.ema_decay", self.ema_decay,
+                 "null or a decay in (0, 1)")
 
 
 @dataclass
@@ -55,7 +67,7 @@ class CheckpointConfig:
     keep_best: int = 0  # also keep the best K by best_metric; 0: off
     best_metric: Optional[str] = None  # name of a logged metric that ranks checkpoints for keep_best
     best_mode: str = "min"  # "min" or "max": which end of best_metric is best
-    resume: bool = True  # resume from the newest complete checkpoint in dir when one exists
+    resume: bool = True  # resume from the newest checkpoint in dir; false: start fresh (first launch only: restarts and requeues always resume)
     verify: bool = True  # check sha256 of a checkpoint against its manifest before loading it
     unsafe_load: bool = False  # allow full unpickling (runs code from the file!); only for files you trust
     init_from: Optional[str] = None  # pretrained weights for a fresh run (model only; ignored on resume)
@@ -109,8 +121,12 @@ class TaskConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # reshuffle the data every epoch (DistributedSampler)
     meta_init: bool = False  # on resume, skip random init (meta device); only if every buffer is persistent
+    eval_data: Any = None  # _target_ of a map-style Dataset for trainer.eval_every, or null
+    eval_batch_size: Optional[int] = None  # samples per rank per evaluation batch; null: batch_size
 
     def __post_init__(self) -> None:
+        _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "task.eval_batch_size",
+                 self.eval_batch_size, "null or an integer >= 1")
         _require(self.batch_size >= 1, "task.batch_size", self.batch_size, "an integer >= 1")
         _require(self.num_workers >= 0, "task.num_workers", self.num_workers, "an integer >= 0")
         for key in ("model", "optimizer", "data"):
@@ -164,6 +180,9 @@ class SlurmLauncherConfig:
         _require(self.signal_delay_s >= 1, "launcher.signal_delay_s", self.signal_delay_s, "seconds >= 1")
         _require(self.max_timeout_requeues >= 0, "launcher.max_timeout_requeues",
                  self.max_timeout_requeues, "an integer >= 0")
+        for name, value in self.additional.items():
+            _require(not _has_control(str(name)) and not _has_control(str(value)),
+                     f"launcher.additional.{name}", value, "a value without newlines or control characters")
 
 
 LAUNCHERS = {"local": LocalLauncherConfig, "direct": DirectLauncherConfig, "slurm": SlurmLauncherConfig}
@@ -173,16 +192,29 @@ LAUNCHERS = {"local": LocalLauncherConfig, "direct": DirectLauncherConfig, "slur
 class HarnessConfig:
     name: str = "example"  # the run's identity: its checkpoint folder and SLURM job name derive from it
     launcher: Any = MISSING  # how ranks are started: launcher=local | direct | slurm
-    task: TaskConfig = MISSING  # what is trained: task=example, or your own task preset
+    task: Optional[TaskConfig] = None  # what the built-in loop trains: task=example, or your own preset
+    script: Optional[str] = None  # run YOUR training script on every rank instead of the built-in loop
+    script_args: List[str] = field(default_factory=list)  # its command-line arguments (sys.argv[1:])
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", self.name,
-                 "a non-empty run name without '/'")
+        _require(bool(self.name) and "/" not in self.name and not _has_control(self.name), "name",
+                 self.name, "a non-empty run name without '/' or control characters")
+        if self.task is not None and self.trainer.eval_every:
+            _require(self.task.eval_data is not None, "task.eval_data", None,
+                     "a dataset _target_ when trainer.eval_every > 0")
         _require(isinstance(self.launcher, tuple(LAUNCHERS.values())), "launcher", self.launcher,
                  f"one of launcher={'|'.join(LAUNCHERS)}")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _has_control(text: str) -> bool:
+    """Newlines and other control characters would inject lines into generated sbatch scripts."""
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)
 
 
 def register_configs() -> None:

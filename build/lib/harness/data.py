@@ -1,61 +1,359 @@
-"""A DataLoader whose position can be restored: epoch-seeded order, skipping by sampler indices."""
+"""Resumable, sharded data loading whose order and augmentations are functions of the position.
+
+Everything a loader yields is computed from ``(seed, epoch, global position)``, never from state
+that accumulates while iterating:
+
+* **Order.** Position ``p`` of epoch ``e`` holds sample ``Permutation.for_epoch(n, seed, e)(p)``, a
+  keyed bijection on ``[0, n)`` (a Feistel network with cycle-walking) evaluated per index. No list
+  of ``n`` indices is ever built, so an epoch over 1e10 samples costs no memory up front and
+  positioning at any batch is O(1). With ``replacement=True`` position ``p`` holds
+  ``hash(seed, e, p) mod n`` instead (nanoGPT-style random offsets), just as resumable.
+* **Sharding.** As in ``DistributedSampler(drop_last=True)``: rank ``r`` of ``W`` takes the positions
+  ``p`` with ``p % W == r``, and each rank gets ``n // W`` of them. Rank ``r``'s batch ``s`` therefore
+  holds positions ``r, r+W, ...`` of ``[s*G, (s+1)*G)`` with ``G = W * batch_size``: per optimizer
+  step the *global* set of samples is ``order[s*G:(s+1)*G]``, so a run resized from ``W`` to ``W'``
+  ranks that keeps ``G`` trains on exactly the same samples at every step.
+* **Augmentation randomness.** The sampler yields ``SampleKey(index, seed)``, where the seed hashes
+  ``(seed, epoch, p)``. The loader's dataset wrapper (``SeededSamples``) seeds torch's CPU generator,
+  ``random`` and ``numpy.random`` from it before ``dataset[index]`` and restores them afterwards. A
+  sample's augmentation is then the same whether it is loaded by the main process or by any worker,
+  after any resume, under any ``num_workers``; and the main process's own RNG streams (dropout) are
+  left untouched with ``num_workers=0``.
+
+``make_loader``, ``steps_per_epoch`` and ``position_loader`` are what the session calls.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from harness.stop.flag import ChainedWorkerInit
 
+MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch.
+# splitmix64's constants (Steele, Lea & Flood 2014): an increment with no short cycle and the two
+# multipliers of its finaliser, which avalanches every input bit into every output bit.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_MUL2 = np.uint64(0x94D049BB133111EB)
 
-    Skipping happens on indices, so resuming mid-epoch loads no batch twice and costs no I/O.
+# Luby-Rackoff: 4 rounds of independent random round functions give a strong pseudo-random
+# permutation; 6 leave a margin for a cheap (non-cryptographic) round function.
+FEISTEL_ROUNDS = 6
+
+# Positions computed per vectorised call while iterating: large enough to amortise numpy's per-call
+# overhead (~1 µs per op), small enough that a rank starts yielding at once and holds ~100 KB.
+POSITIONS_PER_CHUNK = 4096
+
+# Domain tags, so keys derived for different purposes from the same (seed, epoch) are unrelated.
+_TAG_ORDER = 0x6F72646572  # "order"
+_TAG_DRAW = 0x64726177  # "draw" (sampling with replacement)
+_TAG_SAMPLE = 0x73616D706C65  # "sample" (per-sample augmentation seeds)
+_TAG_LOADER = 0x6C6F61646572  # "loader" (the DataLoader's generator: worker base seeds)
+
+
+# ----- keyed hashing ------------------------------------------------------------------------------
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic): a bijection of 64-bit words."""
+    values = values ^ (values >> np.uint64(30))
+    values = values * _MIX_MUL1
+    values = values ^ (values >> np.uint64(27))
+    values = values * _MIX_MUL2
+    return values ^ (values >> np.uint64(31))
+
+
+def keyed_hash(key: int, values: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each uint64 in ``values`` under ``key`` (0 <= key < 2**64); same shape.
+
+    For a fixed key it is a bijection of 64-bit words, so distinct positions never collide.
+    """
+    return _mix64(_mix64(values ^ np.uint64(key)) + _GOLDEN)
+
+
+def derive_key(*parts: int) -> int:
+    """A 64-bit key from any integers (negative ones by their two's complement): order matters."""
+    key = 0
+    for part in parts:
+        key = int(keyed_hash(key, np.array([part & MASK64], dtype=np.uint64))[0])
+    return key
+
+
+# ----- the epoch's order --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Permutation:
+    """A keyed pseudo-random bijection on ``[0, size)``, evaluated per position in O(1) memory.
+
+    A balanced Feistel network permutes the smallest ``[0, 4**k)`` that holds ``size``; positions it
+    maps outside ``[0, size)`` are encrypted again until they land inside (cycle-walking), which keeps
+    the restriction a bijection. The domain is below ``4 * size``, so a position takes on average
+    fewer than 4 encryptions (about 1.05 at size 1e6, 1.7 at 1e10).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=True)
-        self.start_index = 0  # indices of the current epoch to skip (batches done x batch size)
+    size: int
+    round_keys: tuple[int, ...]
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
+    @classmethod
+    def for_epoch(cls, size: int, seed: int, epoch: int) -> "Permutation":
+        if size < 1:
+            raise ValueError(f"a permutation needs at least one element, got size={size}")
+        keys = tuple(derive_key(_TAG_ORDER, seed, epoch, r) for r in range(FEISTEL_ROUNDS))
+        return cls(size, keys)
+
+    @property
+    def half_bits(self) -> int:
+        """Bits in each Feistel half: the domain is ``4 ** half_bits >= size`` (at least 4)."""
+        return max(1, ((self.size - 1).bit_length() + 1) // 2)
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """The element at each position (uint64 array in ``[0, size)`` -> uint64 array)."""
+        out = self._encrypt(positions.astype(np.uint64))
+        walking = np.flatnonzero(out >= np.uint64(self.size))
+        while walking.size:
+            out[walking] = self._encrypt(out[walking])
+            walking = walking[out[walking] >= np.uint64(self.size)]
+        return out
+
+    def _encrypt(self, values: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half_bits)
+        mask = np.uint64((1 << self.half_bits) - 1)
+        left, right = values >> half, values & mask
+        for key in self.round_keys:
+            left, right = right, left ^ (keyed_hash(key, right) & mask)
+        return (left << half) | right
+
+
+def draws_with_replacement(size: int, seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """Sample indices for positions of an epoch drawn with replacement: ``hash(seed, epoch, p) % size``.
+
+    The modulo's bias is below ``size / 2**64`` (5e-10 at 1e10 samples): immaterial for training.
+    """
+    return keyed_hash(derive_key(_TAG_DRAW, seed, epoch), positions.astype(np.uint64)) % np.uint64(size)
+
+
+def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The augmentation seed of each global position of an epoch (uint64): distinct within an epoch."""
+    return keyed_hash(derive_key(_TAG_SAMPLE, seed, epoch), positions.astype(np.uint64))
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a rank's DataLoader generator for an epoch (its workers' base seeds)."""
+    return derive_key(_TAG_LOADER, seed, epoch, rank)
+
+
+# ----- the sampler --------------------------------------------------------------------------------
+class SampleKey(NamedTuple):
+    """What the sampler yields and ``SeededSamples`` receives: a sample and its augmentation seed."""
+
+    index: int
+    seed: int
+
+
+class ResumableSampler(Sampler[SampleKey]):
+    """One rank's share of an epoch, from any batch onwards, computed per position.
+
+    Yields ``steps * batch_size`` keys per full epoch (whole batches only: every rank takes the same
+    number of optimizer steps), minus the ``start_batch * batch_size`` already consumed.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True, replacement: bool = False):
+        _check_shape(size, batch_size, rank, world_size)
+        if replacement and not shuffle:
+            raise ValueError("replacement=True draws random indices; it cannot be combined with "
+                             "shuffle=False (use replacement=False for a fixed order)")
+        self.size = size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.replacement = replacement
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+        self._order: Optional[Permutation] = None
+        self.set_position(seed, 0, 0)
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share of an epoch, as DistributedSampler(drop_last=True) computes it."""
+        return self.size // self.world_size
+
+    @property
+    def steps(self) -> int:
+        """Full batches per epoch (the same on every rank; ``size // global_batch``)."""
+        return self.num_samples // self.batch_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """DistributedSampler's call: start epoch ``epoch`` from its first batch."""
+        self.set_position(self.seed, epoch, 0)
+
+    def set_position(self, seed: int, epoch: int, batch_in_epoch: int) -> None:
+        """Start at batch ``batch_in_epoch`` of epoch ``epoch``: O(1) in the dataset's size.
+
+        Raises ValueError for a negative epoch, or a batch outside ``[0, steps]`` (``steps`` itself
+        is the epoch's end: nothing left to yield).
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= batch_in_epoch <= self.steps:
+            raise ValueError(f"batch {batch_in_epoch} is past the end of the epoch: it has {self.steps} "
+                             f"batches of {self.batch_size} per rank ({self.size} samples over "
+                             f"{self.world_size} ranks)")
+        self.seed, self.epoch, self.start_batch = seed, epoch, batch_in_epoch
+        self._order = Permutation.for_epoch(self.size, seed, epoch) if self.shuffle else None
+
+    def global_positions(self, first: int, stop: int) -> np.ndarray:
+        """Global positions of this rank's local positions ``[first, stop)`` of the epoch."""
+        return np.arange(first, stop, dtype=np.uint64) * np.uint64(self.world_size) + np.uint64(self.rank)
+
+    def indices_at(self, positions: np.ndarray) -> np.ndarray:
+        """The sample index at each global position of the current epoch (uint64 array)."""
+        if self.replacement:
+            return draws_with_replacement(self.size, self.seed, self.epoch, positions)
+        if self._order is None:  # shuffle=False: the dataset's own order, as DistributedSampler
+            return positions.astype(np.uint64)
+        return self._order(positions)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        stop = self.steps * self.batch_size
+        # Bind the position now: set_position during iteration must not change this pass.
+        seed, epoch, first = self.seed, self.epoch, self.start_batch * self.batch_size
+        for chunk_start in range(first, stop, POSITIONS_PER_CHUNK):
+            positions = self.global_positions(chunk_start, min(chunk_start + POSITIONS_PER_CHUNK, stop))
+            indices = self.indices_at(positions).tolist()
+            seeds = sample_seeds(seed, epoch, positions).tolist()
+            yield from map(SampleKey, indices, seeds)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        return (self.steps - self.start_batch) * self.batch_size
 
 
+def _check_shape(size: int, batch_size: int, rank: int, world_size: int) -> None:
+    """Reject shapes that would give some rank no full batch; the message names both numbers."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} ranks")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    share = size // world_size
+    if share < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than each rank's share of an epoch "
+                         f"({share} samples: {size} samples over {world_size} ranks): "
+                         "shrink the batch or add data")
+
+
+# ----- per-sample seeding -------------------------------------------------------------------------
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset: ``self[SampleKey(i, s)]`` is ``dataset[i]`` drawn under seed ``s``.
+
+    With ``seed_samples`` the global RNGs that augmentations use (torch's CPU generator, ``random``,
+    ``numpy.random``) are seeded from ``s`` before the call and restored afterwards, also when it
+    raises; CUDA generators are not touched. torch and numpy's legacy ``seed(int)`` keep 32 bits of a
+    seed, so among ~65k samples two share those streams about once (``random`` takes all 64 bits).
+    With ``seed_samples=False`` the dataset draws from whatever state the process has (a control).
+    """
+
+    def __init__(self, dataset: Dataset, seed_samples: bool = True):
+        self.dataset = dataset
+        self.seed_samples = seed_samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        index, sample_seed = key
+        if not self.seed_samples:
+            return self.dataset[index]
+        if get_worker_info() is not None:
+            # A DataLoader worker: its global RNGs serve nothing else, nothing to restore.
+            _seed_global_rngs(sample_seed)
+            return self.dataset[index]
+        # The main process (num_workers=0): training's RNG (dropout) must not see the sample's draws.
+        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+        numpy_state = np.random.get_state()
+        try:
+            _seed_global_rngs(sample_seed)
+            return self.dataset[index]
+        finally:
+            torch.default_generator.set_state(torch_state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _seed_global_rngs(sample_seed: int) -> None:
+    # Different 32-bit words for torch and numpy: both seed MT19937 by init_genrand from 32 bits,
+    # so the same word would give them the same raw stream. default_generator, not
+    # torch.manual_seed: the latter also reseeds the CUDA generators, which nothing here restores.
+    low, high = sample_seed & MASK32, sample_seed >> 32
+    torch.default_generator.manual_seed(low)
+    np.random.seed(high)
+    random.seed(sample_seed)
+
+
+# ----- the loader ---------------------------------------------------------------------------------
 def make_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False,
                 collate_fn: Optional[Callable] = None,
-                worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
-    """A loader with its own generator (so iter() never touches the global RNG), full batches only,
-    and workers that ignore stop signals (the main process saves; workers must not die first)."""
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    if sampler.num_samples < batch_size:
-        raise ValueError(f"each rank gets {sampler.num_samples} samples per epoch, fewer than "
-                         f"batch_size={batch_size}: shrink the batch or add data")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
-                      worker_init_fn=ChainedWorkerInit(worker_init_fn),
-                      generator=torch.Generator().manual_seed(seed),
+                worker_init_fn: Optional[Callable[[int], None]] = None,
+                replacement: bool = False, seed_samples: bool = True) -> DataLoader:
+    """A loader over this rank's share of each epoch whose position can be set to any batch.
+
+    Full batches only; workers ignore stop signals (the main process saves, so workers must not die
+    first); the loader has its own generator, seeded per (seed, epoch, rank), so ``iter()`` never
+    draws from the global RNG. ``replacement``: draw indices with replacement (``n`` per epoch).
+    ``seed_samples``: seed the global RNGs per sample around ``dataset[i]`` (see ``SeededSamples``).
+    ``loader.dataset`` is the ``SeededSamples`` wrapper; the user's dataset is its ``.dataset``.
+
+    Raises TypeError for an iterable-style dataset, ValueError when ``batch_size`` exceeds a rank's
+    share of an epoch.
+    """
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{type(dataset).__name__} is not a map-style dataset with __len__: the "
+                        "harness positions data by index (dataset[i] for i < len(dataset))")
+    sampler = ResumableSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size,
+                               seed=seed, shuffle=shuffle, replacement=replacement)
+    return DataLoader(SeededSamples(dataset, seed_samples), batch_size=batch_size, sampler=sampler,
+                      drop_last=True, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, worker_init_fn=ChainedWorkerInit(worker_init_fn),
+                      generator=torch.Generator().manual_seed(loader_seed(seed, 0, rank)),
                       persistent_workers=False)
 
 
-def steps_per_epoch(loader: DataLoader) -> int:
+def _sampler_of(loader: DataLoader) -> ResumableSampler:
     sampler = loader.sampler
-    return sampler.num_samples // loader.batch_size
+    if not isinstance(sampler, ResumableSampler):
+        raise TypeError("the loader's position cannot be restored: build it with session.loader(...) "
+                        "or harness.data.make_loader(...)")
+    return sampler
+
+
+def steps_per_epoch(loader: DataLoader) -> int:
+    """Optimizer steps in a full epoch: ``len(dataset) // (world_size * batch_size)``."""
+    return _sampler_of(loader).steps
+
+
+def global_batch_size(loader: DataLoader) -> int:
+    """Samples per optimizer step over all ranks (``world_size * batch_size``)."""
+    return _sampler_of(loader).global_batch
 
 
 def position_loader(loader: DataLoader, seed: int, epoch: int, batch_in_epoch: int) -> None:
-    """Set the loader to yield epoch ``epoch`` starting at batch ``batch_in_epoch``."""
-    sampler = loader.sampler
-    if not isinstance(sampler, ResumableSampler):
-        raise TypeError("the loader's position cannot be restored: build it with session.loader(...)")
-    sampler.set_epoch(epoch)
-    sampler.start_index = batch_in_epoch * loader.batch_size
-    loader.generator.manual_seed(seed + epoch)
+    """Make the next ``iter(loader)`` yield epoch ``epoch`` from batch ``batch_in_epoch`` on.
+
+    O(1) in the dataset's size: no index before the position is computed or loaded. Also reseeds
+    the loader's generator for (seed, epoch, rank). Raises ValueError for a position past the end of
+    the epoch (``batch_in_epoch > steps_per_epoch(loader)``), TypeError for a foreign loader.
+    """
+    sampler = _sampler_of(loader)
+    sampler.set_position(seed, epoch, batch_in_epoch)
+    loader.generator.manual_seed(loader_seed(seed, epoch, sampler.rank))

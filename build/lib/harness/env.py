@@ -57,6 +57,19 @@ class DistEnv:
         return torch.device("cpu")
 
 
+CONFIG_ENV = "HARNESS_CONFIG"  # the resolved config (YAML text) the launcher hands to each rank
+
+
+def launched_config(environ: Mapping[str, str] | None = None) -> Optional[dict]:
+    """The config the launcher handed to this process (a rank, or a user's script), or None."""
+    text = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if not text:
+        return None
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the launch variables once. Raises ValueError naming a malformed variable."""
     environ = os.environ if environ is None else environ
@@ -101,7 +114,8 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(environ, "MASTER_PORT", 29500),
         source="torchrun",
-        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0) or _int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0) or _int(environ, "TORCHELASTIC_RESTART_COUNT", 0)
+        or _int(environ, "HARNESS_RESTART_COUNT", 0),
         slurm_job=slurm_job_id(environ),
     )
 
@@ -119,7 +133,7 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
         master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
         master_port=_int(environ, "MASTER_PORT", 0) or slurm_port(f"{job_id}_{task_id}"),
         source="slurm",
-        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
+        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0) or _int(environ, "HARNESS_RESTART_COUNT", 0),
         slurm_job=slurm_job_id(environ),
     )
 

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
-from typing import IO, Optional
+from typing import IO, Any, Optional
+
+log = logging.getLogger("harness")
+
+
+def say(text: str, source: str = "harness", stream: Optional[IO[str]] = None) -> None:
+    """The one channel for lines a person reads: ``[source] text`` (launchers: stderr). Diagnostics
+    go through ``logging.getLogger("harness")`` instead."""
+    print(f"[{source}] {text}", file=stream or sys.stderr, flush=True)
+
+
+def _number(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
 
 
 def format_eta(seconds: float) -> str:
@@ -28,6 +41,7 @@ class ProgressReporter:
         self.started = time.perf_counter()
         self._bar = None
         self._metrics_file = None
+        self._pending: list[tuple[int, dict[str, Any]]] = []  # steps not yet written or shown
         if enabled and metrics_path:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
             self._metrics_file = open(metrics_path, "a", buffering=1)
@@ -47,16 +61,41 @@ class ProgressReporter:
         elapsed = time.perf_counter() - self.started
         return (step - self.start_step) / elapsed if elapsed > 0 else 0.0
 
-    def update(self, step: int, metrics: dict[str, float]) -> None:
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record a finished step's values (numbers or one-element tensors). Tensors are read only at
+        the next progress line or ``flush()`` (one device sync per line, not per step)."""
         if not self.enabled:
             return
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._pending.append((step, dict(metrics)))
+        if self._bar is not None or step % self.log_every == 0 or step == self.total_steps:
+            self.flush(show=True)
+
+    def flush(self, show: bool = False) -> None:
+        """Read the pending values, append them to the metrics file, and show the newest step."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = [(step, {key: _number(value) for key, value in values.items()}) for step, values in pending]
+        self._write_metrics(rows)
+        if show:
+            self._show(*rows[-1])
+
+    def _write_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        if self._metrics_file is None:
+            return
+        try:
+            self._metrics_file.write("".join(json.dumps({"step": step, **values}) + "\n" for step, values in rows))
+        except OSError as error:  # a full disk must not stop training: warn once, stop writing
+            log.warning("could not write the metrics file %s (%s); training goes on without it",
+                        self._metrics_file.name, error)
+            self._close_metrics()
+
+    def _show(self, step: int, values: dict[str, float]) -> None:
         rate = self.rate(step)
-        summary = " | ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+        summary = " | ".join(f"{key} {value:.4g}" for key, value in values.items())
         if self._bar is not None:
             self._bar.update(self._bar.task_ids[0], completed=step, summary=f"{summary} | {rate:.1f} steps/s")
-        elif step % self.log_every == 0 or step == self.total_steps:
+        else:
             eta = (self.total_steps - step) / rate if rate > 0 else 0.0
             self.message(f"step {step}/{self.total_steps} | {summary} | {rate:.1f} steps/s | "
                          f"ETA {format_eta(eta)}")
@@ -67,12 +106,19 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.console.print(text)
         else:
-            print(f"[harness] {text}", file=self.stream, flush=True)
+            say(text, stream=self.stream)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        self.flush()
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
         if self._metrics_file is not None:
-            self._metrics_file.close()
+            try:
+                self._metrics_file.close()
+            except OSError:  # the buffered tail could not be written (full disk): already warned
+                pass
             self._metrics_file = None

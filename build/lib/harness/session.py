@@ -18,6 +18,7 @@ every ``checkpoint.every_steps`` and, when any rank received a stop signal, save
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -32,8 +33,8 @@ from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.payload import MODEL, Progress, StateRegistry, restore_rng, seed_everything
-from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE
-from harness.env import DistEnv, read_env
+from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
+from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
 from harness.stop.agreement import AgreementClock, Preempted, agree
 from harness.stop.flag import StopFlag, describe_reason
@@ -53,13 +54,20 @@ class Session:
         self.env = env or read_env()
         self.progress = Progress(world_size=self.env.world_size)
         self.registry = StateRegistry()
+        # Handlers installed earlier (the launcher's worker, install_stop_handlers()) are adopted:
+        # a signal that arrived while torch was importing is already recorded in that flag.
+        flag = flag if flag is not None else StopFlag.installed(list(cfg.preempt.signals))
         self._flag_installed = flag is not None
         self.flag = flag if flag is not None else StopFlag()
         self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress,
                                              config_data or {}, self.say)
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
-        self.metrics: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}  # values logged during the current step
         self._started = False
+        self._in_step = False  # inside the body of batches(): the state is mid-step
+        self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
+        self._save_requested = False  # save() called mid-step, carried out when the step ends
+        self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self._setup()
@@ -103,6 +111,7 @@ class Session:
                 self._spot.stop()
             if self._reporter is not None:
                 self._reporter.close()
+            self.checkpoints.unlock()
             self.flag.uninstall()
 
     # ----- what the user's loop calls -------------------------------------------------------------
@@ -139,29 +148,60 @@ class Session:
                                     pin_memory=self.env.uses_cuda, **kwargs)
 
     def log(self, **values: Any) -> None:
-        """Record values for this step (tensors are read at the end of the step)."""
+        """Record numbers for THIS step (cleared when the step ends). Tensors are kept as they are
+        and read only when printed or saved, so logging costs no device sync per step."""
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"session.log({key}=...): a tensor of shape {tuple(value.shape)}; "
+                                     "log a single number (e.g. loss.mean())")
+                values[key] = value.detach()
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"session.log({key}=...): {type(value).__name__} is not a number")
         self.metrics.update(values)
 
     def request_stop(self) -> None:
         """Ask for a stop from code: the run saves and stops at the next agreement, like a signal."""
         self.flag.request()
 
-    def check_stop(self) -> None:
+    def check_stop(self) -> bool:
         """Agree on a stop inside a loop of yours (evaluation, warm-up); a collective call.
 
-        Every rank must call it equally often. If any rank has a stop request, the state after the
-        last completed training step is saved and Preempted is raised on every rank.
+        Every rank must call it equally often. Between steps (outside the body of ``batches()``),
+        an agreed stop saves the last completed step and raises Preempted on every rank. Inside a
+        step (the body of ``batches()``) the model may already hold the NEXT step's weights, so the
+        stop is deferred: it returns True, and the save and Preempted happen when the step ends;
+        use it to cut an evaluation short (``if session.check_stop(): break``). False: no stop.
         """
+        if self._stop_reason:
+            return True
         started = time.perf_counter()
         reason, interval = agree(self.flag, self.env.device, self.clock.propose())
         self.clock.agreed(self.progress.step, interval, time.perf_counter() - started)
-        if reason:
-            self._stop(reason)
+        if not reason:
+            return False
+        if self._in_step:
+            self._stop_reason = reason
+            return True
+        self._stop(reason)
+        return True  # not reached: _stop raises
 
-    def batches(self, loader: DataLoader) -> Iterator[Any]:
-        """Yield one batch per optimizer step until ``trainer.max_steps``, resuming on first use."""
+    def batches(self, loader: DataLoader, accumulate: int = 1) -> Iterator[Any]:
+        """Yield the data of each optimizer step until ``trainer.max_steps``, resuming on first use.
+
+        ``accumulate=1``: one batch per step. ``accumulate=K``: a list of K micro-batches per step
+        (wrap them in ``session.micro_batches(model, ...)`` to skip DDP's gradient all-reduce on all
+        but the last). Positions count micro-batches; an epoch's last ``len % K`` micro-batches are
+        skipped so that no step straddles two epochs. Saves and stops happen only between steps.
+        """
+        if accumulate < 1:
+            raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
+        self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
         self.start()
-        per_epoch = data_mod.steps_per_epoch(loader)
+        per_epoch = data_mod.steps_per_epoch(loader) // accumulate * accumulate
+        if per_epoch == 0:
+            raise ValueError(f"an epoch has {data_mod.steps_per_epoch(loader)} batches per rank, fewer "
+                             f"than accumulate={accumulate}: shrink the batch or accumulate less")
         while self.progress.step < self.cfg.trainer.max_steps:
             if self.progress.batch_in_epoch >= per_epoch:
                 self.progress.epoch += 1
@@ -173,12 +213,34 @@ class Session:
                 # After iter() and the skip, so the restored state is exactly the saved one.
                 restore_rng(self.checkpoints.pending_rng)
                 self.checkpoints.pending_rng = None
+            group: list = []
             for batch in iterator:
-                yield batch
-                self._end_step()
-                if self.progress.step >= self.cfg.trainer.max_steps:
+                group.append(batch)
+                if len(group) < accumulate:
+                    continue
+                self._in_step = True
+                try:
+                    yield group if accumulate > 1 else group[0]
+                finally:  # also when the caller breaks out of the loop
+                    self._in_step = False
+                group = []
+                self._end_step(accumulate)
+                if self.progress.step >= self.cfg.trainer.max_steps or self.progress.batch_in_epoch >= per_epoch:
                     break
         self.finish()
+
+    def micro_batches(self, model: torch.nn.Module, micro: list) -> Iterator[Any]:
+        """Yield a step's micro-batches; DDP synchronises gradients only in the last one's backward
+        (``no_sync`` around the others). Call backward inside the loop body::
+
+            for micro in session.micro_batches(model, step_batches):
+                (loss_fn(model, micro) / len(step_batches)).backward()
+        """
+        for index, batch in enumerate(micro):
+            last = index == len(micro) - 1
+            syncs = last or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if syncs else model.no_sync():
+                yield batch
 
     # ----- resume ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -189,8 +251,9 @@ class Session:
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
             enabled=self.env.is_main, metrics_path=self._metrics_path())
+        self.checkpoints.lock()
         ref = self.resume_point()
-        if not self.cfg.checkpoint.resume and self.checkpoints.holds_checkpoints():
+        if not self.checkpoints.resumes() and self.checkpoints.holds_checkpoints():
             self.say(f"WARNING: checkpoint.resume=false, but {self.store.root} holds checkpoints: "
                      "this run starts fresh and overwrites checkpoints of the same steps")
         if ref is None:
@@ -200,7 +263,7 @@ class Session:
             if self.cfg.checkpoint.init_from:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
-            self.checkpoints.restore(ref)
+            self.checkpoints.restore(ref, self._data_unit)
         self._reporter.start_step = self.progress.step
         self._reporter.started = time.perf_counter()
 
@@ -229,18 +292,19 @@ class Session:
         return self.checkpoints.resume_point()
 
     # ----- each step ------------------------------------------------------------------------------
-    def _end_step(self) -> None:
+    def _end_step(self, batches: int = 1) -> None:
+        """The step's body is done: count it, report its values, save or stop if due."""
         self.clock.step_ended(time.perf_counter())
         self.progress.step += 1
-        self.progress.batch_in_epoch += 1
+        self.progress.batch_in_epoch += batches
         step = self.progress.step
-        values = {key: float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-                  for key, value in self.metrics.items()}
-        self.metrics = values
-        self._reporter.update(step, values)
+        self._reporter.update(step, self.metrics)
         last = step >= self.cfg.trainer.max_steps
-        if step % self.cfg.checkpoint.every_steps == 0 or last:
+        if step % self.cfg.checkpoint.every_steps == 0 or last or self._save_requested:
             self.save()
+        self.metrics = {}  # values belong to the step they were logged in
+        if self._stop_reason:
+            self._stop(self._stop_reason)
         if not last and self.clock.due(step):
             self.check_stop()
 
@@ -256,9 +320,19 @@ class Session:
         raise Preempted(self.progress.step, reason)
 
     def save(self) -> None:
-        """Save now (a collective: every rank must call it). Rank 0 writes; others wait for it."""
-        metric = self.metrics.get(self.cfg.checkpoint.best_metric or "")
-        self.checkpoints.save(metric)
+        """Save the last completed step (a collective: every rank must call it; rank 0 writes).
+
+        Inside a step (the body of ``batches()``) the save is deferred to the end of the step, so a
+        checkpoint never holds a half-finished step under the previous step's number.
+        """
+        if self._in_step:
+            self._save_requested = True
+            return
+        self._save_requested = False
+        if self._reporter is not None:
+            self._reporter.flush()  # the metrics file holds every step the checkpoint holds
+        metric = self.metrics.get(self.cfg.checkpoint.best_metric) if self.cfg.checkpoint.best_metric else None
+        self.checkpoints.save(None if metric is None else float(metric))
 
     def finish(self) -> None:
         """The run reached max_steps: make sure the final checkpoint is durable."""
@@ -271,6 +345,16 @@ class Session:
             self._reporter.message(text)
         elif self.env.is_main:
             print(f"[harness] {text}", flush=True)
+
+
+def load_config(overrides: Optional[dict] = None) -> HarnessConfig:
+    """The config of a script: the launcher's (``python -m harness.launch script=...`` hands it over)
+    or the defaults, with ``overrides`` (nested plain data) merged on top."""
+    from omegaconf import OmegaConf
+
+    launched = launched_config() or {}
+    merged = OmegaConf.merge(OmegaConf.create(launched), OmegaConf.create(overrides or {}))
+    return validate(OmegaConf.to_container(merged, resolve=True))
 
 
 def default_threads(local_world_size: int) -> int:

@@ -1,14 +1,29 @@
-"""The built-in training loop for tasks described in config (Hydra ``_target_`` instantiation)."""
+"""The built-in training loop for tasks described in config (Hydra ``_target_`` instantiation).
+
+One optimizer step: ``trainer.accumulate`` micro-batches (DDP syncs gradients on the last only),
+autocast in ``trainer.precision`` (fp16 with a saved GradScaler), optional gradient clipping, the
+optimizer and scheduler steps, the EMA update; every ``trainer.eval_every`` steps an evaluation on
+``task.eval_data`` logged as ``val_loss`` of that step. Everything stateful is registered, so a
+resumed run continues bit for bit.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import random
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.utils import get_method, instantiate
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from harness.config import TaskConfig
+from harness.checkpoint.keys import unwrap_model
+from harness.config import TaskConfig, TrainerConfig
 from harness.session import Session
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -34,21 +49,141 @@ def build_model(session: Session, task: TaskConfig) -> torch.nn.Module:
     return instantiate(task.model)
 
 
-def run_task(session: Session, task: TaskConfig) -> None:
+class Precision:
+    """Autocast and, for fp16, the GradScaler (a Stateful: its scale is saved and restored)."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.device_type = device.type
+        self.dtype = AUTOCAST_DTYPES.get(name)
+        self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, parameters: list, clip: Optional[float]) -> None:
+        """Clip (after unscaling) and step; under fp16 a step with inf/nan gradients is skipped."""
+        if self.scaler is not None:
+            if clip is not None:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        optimizer.step()
+
+
+class ModelEma:
+    """An exponential moving average of a model's parameters and buffers (a Stateful)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {key: value.detach().clone() for key, value in unwrap_model(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for key, value in unwrap_model(model).state_dict().items():
+            average = self.shadow[key]
+            if average.is_floating_point():
+                average.lerp_(value.detach(), 1.0 - self.decay)
+            else:  # integer buffers (e.g. BatchNorm's counter) are copied
+                average.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state does not match the model: keys {sorted(missing)[:8]} differ")
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
+        self.decay = float(state["decay"])
+
+
+class Evaluator:
+    """Mean loss over a map-style dataset, sharded over ranks and averaged across them.
+
+    Each rank takes an equal share (the remainder of ``len % world`` is left out), so every rank
+    runs the same number of batches and of stop agreements. Evaluation draws from its own RNG
+    (forked and restored), so training's RNG stream is untouched.
+    """
+
+    def __init__(self, session: Session, dataset: Dataset, loss_fn: Callable, batch_size: int):
+        world, rank = session.env.world_size, session.env.rank
+        per_rank = len(dataset) // world
+        if per_rank == 0:
+            raise ValueError(f"task.eval_data has {len(dataset)} samples, fewer than the {world} ranks")
+        self.session = session
+        self.loss_fn = loss_fn
+        self.loader = DataLoader(Subset(dataset, range(rank * per_rank, (rank + 1) * per_rank)),
+                                 batch_size=batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, precision: Precision) -> Optional[float]:
+        """The mean loss, or None when a stop was agreed during it (the step ends, saves, stops)."""
+        device = self.session.device
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, samples
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for batch in self.loader:
+                    if self.session.check_stop():
+                        return None
+                    batch = move_to(batch, device)
+                    with precision.autocast():
+                        loss = self.loss_fn(model, batch)
+                    count = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+                    totals += torch.stack([loss.double() * count, torch.tensor(float(count), device=device,
+                                                                                dtype=torch.float64)])
+        finally:
+            model.train(was_training)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1])
+
+
+def run_task(session: Session, task: TaskConfig, trainer: TrainerConfig) -> None:
     """Build model, optimizer, scheduler and data from ``task``, then train until done or stopped."""
     model = session.prepare(build_model(session, task))
     optimizer = instantiate(task.optimizer)(model.parameters())
     scheduler = instantiate(task.scheduler)(optimizer) if task.scheduler else None
-    session.register(optimizer=optimizer, scheduler=scheduler)
+    precision = Precision(trainer.precision, session.device)
+    ema = ModelEma(model, trainer.ema_decay) if trainer.ema_decay else None
+    session.register(optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler, ema=ema)
     loss_fn = get_method(task.loss)
     loader = session.loader(instantiate(task.data), batch_size=task.batch_size, shuffle=task.shuffle,
                             num_workers=task.num_workers)
+    evaluator = Evaluator(session, instantiate(task.eval_data), loss_fn,
+                          task.eval_batch_size or task.batch_size) if trainer.eval_every else None
+    parameters = list(model.parameters())
     model.train()
-    for batch in session.batches(loader):
-        loss = loss_fn(model, move_to(batch, session.device))
+    for micro in session.batches(loader, accumulate=trainer.accumulate):
+        micro = micro if trainer.accumulate > 1 else [micro]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        total = torch.zeros((), device=session.device)
+        for batch in session.micro_batches(model, micro):
+            with precision.autocast():
+                loss = loss_fn(model, move_to(batch, session.device)) / len(micro)
+            precision.backward(loss)
+            total += loss.detach().float()
+        precision.step(optimizer, parameters, trainer.clip_grad_norm)
         if scheduler is not None:
             scheduler.step()
-        session.log(loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
+        if ema is not None:
+            ema.update(model)
+        session.log(loss=total, lr=optimizer.param_groups[0]["lr"])
+        if evaluator is not None and (session.step + 1) % trainer.eval_every == 0:
+            val_loss = evaluator.run(model, precision)
+            if val_loss is not None:
+                session.log(val_loss=val_loss)

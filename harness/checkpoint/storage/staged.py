@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import IO, Callable, Optional, TypeVar
 
-from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, STEP_DIR
+from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, STEP_DIR, is_plain_file_name
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.storage import Storage
@@ -221,20 +221,26 @@ class StagedStorage:
     def _run(self) -> None:
         """Work through the queue, then end (the next submission starts a new thread), so no idle
         thread outlives the work or keeps this object alive."""
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._thread = None
-                    return
-                task = self._active = self._queue.popleft()
-            try:
-                self._perform(task)
-            except Exception as error:  # kept for flush()/write(); never swallowed
-                self._fail(task, error)
-            finally:
+        try:
+            while True:
                 with self._lock:
-                    self._active = None
-                    self._lock.notify_all()
+                    if not self._queue:
+                        self._thread = None  # under the lock: a write() now starts a new thread
+                        return
+                    task = self._active = self._queue.popleft()
+                try:
+                    self._perform(task)
+                except BaseException as error:  # even SystemExit in this thread: flush() must learn it
+                    self._fail(task, error)
+                finally:
+                    with self._lock:
+                        self._active = None
+                        self._lock.notify_all()
+        finally:  # however the thread ends, a later write() or flush() must not wait for it
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                self._lock.notify_all()
 
     def _perform(self, task: _Task) -> None:
         if task.kind == UPLOAD:
@@ -246,7 +252,7 @@ class StagedStorage:
         else:
             self._remove(task.rel)
 
-    def _fail(self, task: _Task, error: Exception) -> None:
+    def _fail(self, task: _Task, error: BaseException) -> None:
         """Record the first failure and cancel everything queued behind it (see the module doc)."""
         where = f"{self.root}/{task.rel}"
         action = "delete" if task.kind == REMOVE else "upload"
@@ -298,6 +304,11 @@ class StagedStorage:
             return  # pruned before its turn came
         except (ValueError, KeyError, TypeError) as error:
             log.warning(f"not uploading {self.local.root}/{folder}: unreadable manifest ({error})")
+            return
+        unsafe = [name for name in files if not is_plain_file_name(name)]
+        if unsafe:  # a manifest naming "../x" or "/etc/x" must never make us read or publish those
+            log.warning(f"not uploading {self.local.root}/{folder}: its manifest names files outside "
+                        f"the checkpoint folder: {unsafe}")
             return
         if not self._on_remote(folder, encoded, files):
             for name, expected in sorted(files.items()):

@@ -13,6 +13,7 @@ from typing import Optional
 MANIFEST_NAME = "manifest.json"
 PAYLOAD_NAME = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
 HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
 
 
@@ -24,6 +25,11 @@ def step_of(name: str) -> Optional[int]:
     """The step of a checkpoint folder name, or None when the name is not one."""
     match = STEP_DIR.match(name)
     return int(match.group(1)) if match else None
+
+
+def is_plain_file_name(name: str) -> bool:
+    """Whether a manifest's file entry is a plain name inside its checkpoint folder (no path)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def payload_path(name: str) -> str:

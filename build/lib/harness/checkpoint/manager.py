@@ -7,7 +7,10 @@ chooses, the others learn the outcome, and a failure on any rank raises on all o
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import socket
 import time
 from typing import Callable, Optional
 
@@ -15,7 +18,8 @@ import torch.distributed as dist
 
 from harness.checkpoint.format import torch_load
 from harness.checkpoint.keys import match_state, rename_prefixes
-from harness.checkpoint.layout import CheckpointRef, payload_path
+from harness.checkpoint.errors import CheckpointError
+from harness.checkpoint.layout import LOCK_NAME, CheckpointRef, payload_path
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, seed_everything, versions)
@@ -51,13 +55,54 @@ class CheckpointManager:
         self.resumed_from: Optional[CheckpointRef] = None
         self.pending_rng: Optional[dict] = None  # this rank's RNG, restored once the loader is positioned
         self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
+        self._lock_fd: Optional[int] = None  # rank 0's flock on the run folder
+
+    # ----- one job per folder ---------------------------------------------------------------------
+    def lock(self) -> None:
+        """Refuse to run while another job writes to the same checkpoint folder (a collective).
+
+        Rank 0 holds an exclusive ``flock`` on ``<dir>/.harness.lock`` (its host and pid written in
+        it) for the life of its process; the kernel drops it when the process dies, even by SIGKILL,
+        so a crashed job never leaves a stale lock. Remote (fsspec) folders are not locked.
+        """
+        on_rank0(self._lock_here, "another job holds this run's checkpoint folder", self.env.is_main)
+
+    def _lock_here(self) -> None:
+        path = self.store.storage.local_path(LOCK_NAME)
+        if path is None or self._lock_fd is not None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.store.root} is in use by another job ({holder}). HINT: wait for it to end or "
+                "stop it, or give this run another name / checkpoint.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.ctime()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the folder (rank 0; not a collective). Closing the descriptor drops the flock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ----- resume ---------------------------------------------------------------------------------
     def resume_point(self) -> Optional[CheckpointRef]:
         """The checkpoint this run resumes from (None: a fresh start); a collective on first call."""
         if self._resume_point is None:
-            self._resume_point = (self._choose(),) if self.ckpt.resume else (None,)
+            self._resume_point = (self._choose(),) if self.resumes() else (None,)
         return self._resume_point[0]
+
+    def resumes(self) -> bool:
+        """``checkpoint.resume=false`` applies to a run's first launch only: a restart (SLURM
+        requeue, the local launcher's or restart-loop.sh's restarts) continues what that launch
+        began, so it always resumes."""
+        return self.ckpt.resume or self.env.restart_count > 0
 
     def _choose(self) -> Optional[CheckpointRef]:
         """Rank 0 verifies and picks; every rank loads the same one."""
@@ -72,11 +117,15 @@ class CheckpointManager:
         return on_rank0(lambda: self.store.latest_listed() is not None,
                         f"could not list {self.store.root}", self.env.is_main)
 
-    def restore(self, ref: CheckpointRef) -> None:
-        """Restore ``ref`` on every rank; if any rank fails, all of them raise."""
+    def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None) -> None:
+        """Restore ``ref`` on every rank; if any rank fails, all of them raise.
+
+        ``data_unit``: samples per loader batch over all ranks in THIS run (None if unknown), to keep
+        the data position by samples consumed when it differs from the saved run's.
+        """
         error = None
         try:
-            self._restore(ref)
+            self._restore(ref, data_unit)
         except Exception as exc:
             error = exc
         raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
@@ -89,12 +138,12 @@ class CheckpointManager:
                              mmap=path is not None)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
-    def _restore(self, ref: CheckpointRef) -> None:
+    def _restore(self, ref: CheckpointRef, data_unit: Optional[int]) -> None:
         started = time.perf_counter()
         payload = self._load_payload(ref)
         self.registry.load_state_dict(payload[KEY_STATE])
         self.progress.load_state_dict(payload[KEY_PROGRESS])
-        self._remap_world(payload[KEY_RNG])
+        self._remap(payload[KEY_RNG], data_unit)
         self.last_saved_step = self.progress.step
         self.resumed_from = ref
         self._warn_config_changes(payload.get(KEY_CONFIG) or {})
@@ -106,22 +155,42 @@ class CheckpointManager:
         if warning:
             self.say("WARNING: " + warning)
 
-    def _remap_world(self, rng_per_rank: list) -> None:
+    def _remap(self, rng_per_rank: list, data_unit: Optional[int]) -> None:
+        """Each rank's RNG when the world is the same; else keep the data position by samples.
+
+        DDP state is replicated, so weights and optimizer carry over exactly on any world size. With
+        the harness's loader the sample order and each sample's augmentation depend on (seed, epoch,
+        position) only, so when the samples per step are kept the data stream continues exactly;
+        what cannot be kept is each rank's own RNG stream (dropout), reseeded here.
+        """
         saved_world = len(rng_per_rank)
-        if saved_world == self.env.world_size:
+        saved_unit = self.progress.data_unit
+        if saved_unit is None and data_unit is not None:  # a file from before data_unit existed
+            saved_unit = data_unit // self.env.world_size * saved_world
+        same_data = saved_unit is None or data_unit is None or saved_unit == data_unit
+        if saved_world == self.env.world_size and same_data:
             self.pending_rng = rng_per_rank[self.env.rank]
+            self.progress.data_unit = data_unit or saved_unit
             return
-        # DDP state is replicated, so weights and optimizer carry over exactly. The data position is
-        # kept by samples consumed in the epoch; per-rank RNG streams cannot be kept.
-        samples_done = self.progress.batch_in_epoch * self.progress.world_size
-        self.progress.batch_in_epoch = samples_done // self.env.world_size
+        if saved_unit is not None and data_unit is not None:
+            samples_done = self.progress.batch_in_epoch * saved_unit
+            self.progress.batch_in_epoch, partial = divmod(samples_done, data_unit)
+            data = (f"the data position is kept by samples consumed ({samples_done} this epoch"
+                    + (f"; {partial} samples of the last, partial batch are trained on again" if partial else "")
+                    + ("), the sample stream and its augmentations continue exactly" if same_data else
+                       f"; samples per batch changed from {saved_unit} to {data_unit})"))
+        else:  # position only known in batches (no harness loader seen yet)
+            self.progress.batch_in_epoch = self.progress.batch_in_epoch * self.progress.world_size // self.env.world_size
+            data = "the data position is kept by samples consumed"
         self.progress.world_size = self.env.world_size
-        seed_everything(self.cfg.trainer.seed + 1 + self.env.rank + 7919 * self.progress.step)
+        self.progress.data_unit = data_unit
+        if saved_world != self.env.world_size:
+            seed_everything(self.cfg.trainer.seed + 1 + self.env.rank + 7919 * self.progress.step)
         self.say(f"WARNING: checkpoint was written by {saved_world} ranks, this run has "
-                 f"{self.env.world_size}: weights, optimizer and step carry over exactly; the data "
-                 f"position is kept by samples consumed (batch {self.progress.batch_in_epoch} of epoch "
-                 f"{self.progress.epoch}); RNG streams are reseeded, so the run will not match an "
-                 "uninterrupted one bit for bit")
+                 f"{self.env.world_size}: weights, optimizer and step carry over exactly; {data} "
+                 f"(batch {self.progress.batch_in_epoch} of epoch {self.progress.epoch}); per-rank RNG "
+                 "streams (dropout) are reseeded and reduction order changes, so weights match an "
+                 "uninterrupted run to floating-point rounding, not bit for bit")
 
     def _warn_config_changes(self, saved: dict) -> None:
         old = (saved.get("trainer") or {}).get("max_steps")

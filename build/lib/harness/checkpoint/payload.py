@@ -43,16 +43,19 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already trained on
     world_size: int = 1  # world size that produced batch_in_epoch (to remap on a resize)
+    data_unit: Optional[int] = None  # samples per batch over all ranks (None: files before it existed)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "data_unit": self.data_unit}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.world_size = int(state.get("world_size", self.world_size))
+        unit = state.get("data_unit")
+        self.data_unit = None if unit is None else int(unit)
 
 
 class StateRegistry:

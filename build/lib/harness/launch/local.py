@@ -7,11 +7,12 @@ forwards every stop signal, waits for the ranks' agreed save, and returns their 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,7 +21,8 @@ import torch
 import yaml
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
-from harness.env import free_port
+from harness.progress import say as report_line
+from harness.env import CONFIG_ENV, free_port
 
 # Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
 # one they do not handle would kill them mid-training without a save. SIGHUP (terminal closed) is
@@ -35,7 +37,7 @@ def default_nproc() -> int:
 
 
 def say(text: str) -> None:
-    print(f"[harness.launch] {text}", file=sys.stderr, flush=True)
+    report_line(text, "harness.launch")
 
 
 @dataclass
@@ -80,13 +82,30 @@ def worker_env(rank: int, nproc: int, master_addr: str, port: int, attempt: int)
                 PYTHONUNBUFFERED="1")
 
 
-def _unblock_forwarded() -> None:
-    # Runs in each child before exec: the launcher blocks these signals while it spawns the ranks,
-    # and a blocked mask would be inherited by the worker.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
+def _prepare_rank(launcher_pid: int) -> None:
+    """Runs in each child between fork and exec.
+
+    The stop signals stay BLOCKED (the launcher blocked them to spawn; the mask survives exec): one
+    that arrives before the rank installs its handlers stays pending and is handled, instead of
+    killing a rank that is still importing torch while its peers wait for it. The worker unblocks
+    them right after installing its handlers (harness.stop.flag).
+
+    The rank gets SIGTERM when the launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG): it saves
+    and exits instead of training on as an orphan next to a relaunched job.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the orphan guard in the worker still applies
+        pass
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_attempt(config_text: str, nproc: int, master_addr: str, attempt: int,
                 stop_signals: frozenset[int]) -> tuple[int, bool]:
     """Start the ranks, forward signals, wait. Returns (exit code, whether the launcher was signalled)."""
     port = free_port()
@@ -99,10 +118,10 @@ def run_attempt(config_path: str, nproc: int, master_addr: str, attempt: int,
         try:
             for rank in range(nproc):
                 group.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "harness.launch.worker", config_path],
-                    env=worker_env(rank, nproc, master_addr, port, attempt),
+                    [sys.executable, "-m", "harness.launch.worker"],
+                    env=worker_env(rank, nproc, master_addr, port, attempt) | {CONFIG_ENV: config_text},
                     start_new_session=True,  # only forwarded signals reach the ranks
-                    preexec_fn=_unblock_forwarded))
+                    preexec_fn=functools.partial(_prepare_rank, os.getpid())))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
         return _wait(group), bool(group.signals_received)
@@ -151,22 +170,20 @@ def run_local(config_data: dict, launcher: LocalLauncherConfig) -> int:
     """Run the job, restarting it after a preemption up to ``launcher.max_restarts`` times."""
     nproc = launcher.nproc_per_node or default_nproc()
     stop_signals = frozenset(signal.Signals[name] for name in config_data["preempt"]["signals"])
-    with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
-        config_path = os.path.join(folder, "config.yaml")
-        with open(config_path, "w") as handle:
-            yaml.safe_dump(config_data, handle, sort_keys=False)
-        attempt = 0
-        while True:
-            say(f"starting {nproc} worker processes (attempt {attempt + 1})")
-            code, signalled = run_attempt(config_path, nproc, launcher.master_addr, attempt, stop_signals)
-            if code != PREEMPTED_EXIT_CODE:
-                return code
-            if signalled or attempt >= launcher.max_restarts:
-                say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
-                    "command to resume from the newest checkpoint)")
-                return code
-            attempt += 1
-            say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
+    # Handed to the ranks in their environment: no file to leave behind if the launcher is killed.
+    config_text = yaml.safe_dump(config_data, sort_keys=False)
+    attempt = 0
+    while True:
+        say(f"starting {nproc} worker processes (attempt {attempt + 1})")
+        code, signalled = run_attempt(config_text, nproc, launcher.master_addr, attempt, stop_signals)
+        if code != PREEMPTED_EXIT_CODE:
+            return code
+        if signalled or attempt >= launcher.max_restarts:
+            say(f"job preempted: exit code {code} asks to restart it (relaunch the same "
+                "command to resume from the newest checkpoint)")
+            return code
+        attempt += 1
+        say(f"job preempted: restarting it ({attempt}/{launcher.max_restarts} restarts)")
 
 
 def run(config_data: dict, cfg: HarnessConfig) -> int:

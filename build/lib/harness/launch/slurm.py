@@ -20,17 +20,18 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from typing import Optional
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, SlurmLauncherConfig
+from harness.progress import say as report_line
 from harness.env import DistEnv, read_env
 
 TIMEOUT_MARGIN_S = 90  # SLURM checks time limits coarsely: warnings can come 30-60 s early
 FOLLOW_POLL_S = 5.0
+# PREEMPTED is final too: a preempted job that SLURM does not requeue (JobRequeue=0, no --requeue).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE"}
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 TIMEOUT_COUNTER = "timeouts.json"
 
 
@@ -39,7 +40,7 @@ class SlurmError(RuntimeError):
 
 
 def say(text: str) -> None:
-    print(f"[harness.slurm] {text}", file=sys.stderr, flush=True)
+    report_line(text, "harness.slurm")
 
 
 def scontrol(*args: str) -> str:
@@ -73,6 +74,12 @@ class TimeoutBudget:
                 return int(json.load(handle)["timeouts"])
         except FileNotFoundError:
             return 0
+
+    def reset(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     def spend(self) -> bool:
         """Count one time-out; False when the budget was already exhausted."""
@@ -199,6 +206,8 @@ def absolute_dirs(config_data: dict) -> dict:
         value = data[section][key]
         if "://" not in value:
             data[section][key] = os.path.abspath(value)
+    if data.get("script"):
+        data["script"] = os.path.abspath(data["script"])
     if "://" in data["launcher"]["folder"]:
         raise SlurmError(f"launcher.folder={data['launcher']['folder']} is a URL, but submitit needs a "
                          "shared local folder for logs and job pickles. HINT: set launcher.folder="
@@ -215,7 +224,8 @@ def make_executor(cfg: HarnessConfig, folder: str):
         name=cfg.name, nodes=launcher.nodes, tasks_per_node=launcher.nproc_per_node,
         cpus_per_task=launcher.cpus_per_task, timeout_min=launcher.timeout_min,
         slurm_signal_delay_s=launcher.signal_delay_s,
-        slurm_additional_parameters=dict(launcher.additional),
+        # --requeue: clusters with JobRequeue=0 refuse `scontrol requeue` of jobs submitted without it.
+        slurm_additional_parameters={"requeue": True, **dict(launcher.additional)},
     )
     if launcher.gpus_per_node:
         parameters["gpus_per_node"] = launcher.gpus_per_node
@@ -248,6 +258,8 @@ def submit(config_data: dict, cfg: HarnessConfig) -> int:
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     executor = make_executor(cfg, folder)
+    # A new submission gets the whole time-out budget again (requeues of THIS job spend it).
+    TimeoutBudget(folder, cfg.launcher.max_timeout_requeues).reset()
     try:
         job = executor.submit(SlurmEntry(data))
     except subprocess.CalledProcessError as error:
@@ -263,22 +275,45 @@ def submit(config_data: dict, cfg: HarnessConfig) -> int:
     print(job.job_id, flush=True)
     if not cfg.launcher.follow:
         return 0
-    return follow(job.job_id)
+    return follow(job)
 
 
-def follow(job_id: str) -> int:
-    """Print state changes (and requeues) until the job ends; 0 only if it COMPLETED."""
+def follow(job) -> int:
+    """Print state changes (and requeues) until the job ends. 0 only when it COMPLETED and its
+    ranks finished training; 75 when it stopped after a save without being requeued; 1 otherwise."""
     last = None
     while True:
-        info = job_info(job_id)
+        try:
+            info = job_info(job.job_id)
+        except SlurmError as error:  # the record expired (MinJobAge) before we saw the end
+            say(f"job {job.job_id}: no longer known to SLURM ({error}); see its logs")
+            return 1
         state = info.get("JobState", "UNKNOWN")
         current = (state, info.get("Restarts"))
         if current != last:
-            say(f"job {job_id}: {state} (restarts {info.get('Restarts', '0')})")
+            say(f"job {job.job_id}: {state} (restarts {info.get('Restarts', '0')})")
             last = current
         if state in FINAL_STATES:
-            return 0 if state == "COMPLETED" else 1
+            return _final_code(job, state)
         time.sleep(FOLLOW_POLL_S)
+
+
+def _final_code(job, state: str) -> int:
+    if state == "PREEMPTED":
+        say(f"job {job.job_id} was preempted and not requeued: relaunch to resume")
+        return PREEMPTED_EXIT_CODE
+    if state != "COMPLETED":
+        return 1
+    try:
+        statuses = {result.get("status") for result in job.results()}
+    except Exception as error:  # submitit raises its own types for unreadable result pickles
+        say(f"job {job.job_id} COMPLETED but its results are unreadable ({error})")
+        return 1
+    if "preempted" in statuses:
+        say(f"job {job.job_id} stopped after saving a checkpoint and was not requeued (is requeue "
+            "allowed on this cluster?): relaunch to resume")
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 def run(config_data: dict, cfg: HarnessConfig) -> int:

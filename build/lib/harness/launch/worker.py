@@ -1,8 +1,8 @@
 """One rank of a job: read the resolved config, train, exit with a meaningful code.
 
 Exit codes: 0 finished, 75 preempted (checkpoint saved, restart me), 1 error, 130 second Ctrl-C.
-Started by the local launcher as ``python -m harness.launch.worker CONFIG.yaml``; the SLURM and direct
-launchers call ``run_worker`` in-process.
+Started by the local launcher as ``python -m harness.launch.worker`` (the config in HARNESS_CONFIG);
+the SLURM and direct launchers call ``run_worker`` in-process.
 
 The stop-signal handlers are installed before torch is imported (about 2 s of start-up): a SIGTERM
 that reaches a rank while it starts is then a stop request, not a crash.
@@ -11,9 +11,10 @@ that reaches a rank while it starts is then a stop request, not a crash.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
-from typing import Optional
+from typing import Callable, NoReturn, Optional, Sequence
 
 import yaml
 
@@ -24,23 +25,27 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+# Signals a launcher may have blocked before starting this rank (harness.launch.local).
+LAUNCHER_BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
 def install_stop_flag(config_data: dict) -> StopFlag:
-    """Handlers for the configured stop signals, installed now (validation comes later)."""
+    """Handlers for the configured stop signals, installed now (validation comes later); the other
+    signals a launcher blocked get their default behaviour back."""
     flag = StopFlag()
     flag.install([str(name) for name in (config_data.get("preempt") or {}).get("signals", [])])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LAUNCHER_BLOCKED)
     return flag
 
 
 def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
-    """Train one rank from plain config data; returns the process exit code."""
+    """Train one rank from plain config data (the built-in loop, or ``script``); returns the exit code."""
     import logging
 
     # Imported here, after the caller could install stop handlers: these pull in torch.
     from harness.config import validate
     from harness.env import read_env
     from harness.stop.agreement import Preempted
-    from harness.session import Session
-    from harness.task import run_task
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -52,8 +57,13 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
         return EXIT_ERROR
     env = read_env()
     try:
+        if cfg.script:
+            return run_script(cfg.script, list(cfg.script_args), config_data)
+        from harness.session import Session
+        from harness.task import run_task
+
         with Session(cfg, env=env, config_data=config_data, flag=flag) as session:
-            run_task(session, cfg.task)
+            run_task(session, cfg.task, cfg.trainer)
     except Preempted as stop:
         print(f"[rank {env.rank}] stopped at step {stop.step} ({stop.reason})", file=sys.stderr, flush=True)
         return stop.code
@@ -63,13 +73,88 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m harness.launch.worker CONFIG.yaml (written by python -m harness.launch)",
-              file=sys.stderr)
+def run_script(path: str, args: list[str], config_data: dict) -> int:
+    """Run the user's training script as ``__main__`` in this rank, its config handed over in the
+    environment variable HARNESS_CONFIG (``harness.load_config()`` reads it). The stop handlers installed
+    before are adopted by the script's Session. Returns the script's exit code."""
+    import runpy
+
+    from harness.env import CONFIG_ENV
+
+    os.environ[CONFIG_ENV] = yaml.safe_dump(config_data, sort_keys=False)
+    sys.argv = [path, *args]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as done:  # sys.exit() / Preempted from the script
+        return _exit_code(done.code)
+    return EXIT_OK
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message") prints it and exits 1
+    return EXIT_ERROR
+
+
+def entrypoint(main: Callable[[], object]) -> NoReturn:
+    """Run ``main()`` as the whole life of a rank, then exit without torch's teardown.
+
+    Exit codes: 0 when ``main`` returns, 75 when it raised Preempted (checkpoint saved, restart
+    me), 130 after a second Ctrl-C, 1 on any other error (traceback printed). The process exits with
+    ``os._exit`` after flushing output: a late signal during interpreter teardown, or torch's
+    occasional process-group destructor abort ("terminate called without an active exception"),
+    can then no longer turn a finished rank into a crash. Use it as your script's last line::
+
+        if __name__ == "__main__":
+            harness.entrypoint(main)
+    """
+    try:
+        main()
+        code = EXIT_OK
+    except SystemExit as done:  # Preempted is a SystemExit with code 75
+        code = _exit_code(done.code)
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped without saving", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BaseException:
+        print(f"[rank {os.environ.get('RANK', '?')}] failed:\n{traceback.format_exc()}", file=sys.stderr)
+        code = EXIT_ERROR
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    # Skip interpreter teardown: a late signal there (handlers are reset) or torch's process-group
+    # destructor can turn a finished rank's exit code into a crash.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def install_stop_handlers(signals: Optional[Sequence[str]] = None) -> StopFlag:
+    """Install the stop-signal handlers now; call it first thing in a script started by torchrun or
+    srun, BEFORE importing torch (~2 s), so a signal during start-up is a stop request, not a crash.
+    The script's Session adopts these handlers. Scripts run by ``python -m harness.launch`` get them
+    from the launcher and need not call it."""
+    from harness.config import PreemptConfig  # no torch behind it
+
+    flag = StopFlag()
+    flag.install(list(signals if signals is not None else PreemptConfig().signals))
+    return flag
+
+
+def main() -> int:
+    """``python -m harness.launch.worker``: one rank started by the local launcher."""
+    from harness.env import CONFIG_ENV
+
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        print(f"usage: {CONFIG_ENV}=<YAML config> python -m harness.launch.worker "
+              "(started by python -m harness.launch)", file=sys.stderr)
         return 2
-    with open(argv[0]) as handle:
-        config_data = yaml.safe_load(handle)
+    config_data = yaml.safe_load(text)
     flag = install_stop_flag(config_data)
     try:
         return run_worker(config_data, flag)
@@ -80,9 +165,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: a late signal there (handlers are reset) or torch's process-group
-    # destructor can turn a finished rank's exit code into a crash.
-    os._exit(code)
+    exit_now(main())

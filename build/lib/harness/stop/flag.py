@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Callable, Optional
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("harness")
 
 REASON_NONE = 0
 REASON_REQUEST = 1  # request_stop() from code
@@ -60,9 +60,25 @@ class StopFlag:
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: signal handlers not installed; use request_stop()")
             return
+        installed = []
         for name in names:
             signum = signal.Signals[name]
             self._previous[signum] = signal.signal(signum, self._handle)
+            installed.append(signum)
+        # The local launcher starts ranks with these signals blocked (inherited across exec), so one
+        # sent before this point waits, pending, instead of killing a half-started rank: deliver it
+        # now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, installed)
+
+    @staticmethod
+    def installed(names: list[str]) -> Optional["StopFlag"]:
+        """The StopFlag whose handler is installed for one of ``names`` (e.g. by the launcher's worker
+        or ``harness.install_stop_handlers()`` before torch was imported), or None."""
+        for name in names:
+            owner = getattr(signal.getsignal(signal.Signals[name]), "__self__", None)
+            if isinstance(owner, StopFlag):
+                return owner
+        return None
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():

@@ -1,0 +1,121 @@
+"""Real training loops: the config loop's accumulation, precision, clipping, evaluation and EMA, and a
+user's own script under the launcher — each interrupted and resumed bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics,
+                      newest_payload, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
+from harness.config import PREEMPTED_EXIT_CODE
+
+EVAL_DATA = "task.eval_data={_target_:harness.example.SyntheticClassification,num_samples:96,seed:5}"
+REAL_LOOP = ["trainer.accumulate=2", "trainer.clip_grad_norm=0.5", "trainer.ema_decay=0.9",
+             "trainer.eval_every=10", EVAL_DATA, "checkpoint.best_metric=val_loss", "checkpoint.keep_best=1",
+             "checkpoint.every_steps=25"]
+SCRIPT = REPO / "tests" / "scripts" / "user_loop.py"
+SCRIPT_STEPS = 20
+
+
+def _sigterm_rank1_then_resume(tmp_path: Path, *overrides: str, after_step: int = 40) -> Path:
+    ckpt_dir = tmp_path / "ckpt"
+    launcher = start_launch(ckpt_dir, *overrides, log_path=tmp_path / "job.log")
+    try:
+        pids = worker_pids(launcher)
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) >= after_step, 120, f"step {after_step}")
+        os.kill(pids[1], signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    assert code == PREEMPTED_EXIT_CODE, (tmp_path / "job.log").read_text()
+    stopped_at = steps_with_saves(ckpt_dir)[-1]
+    assert after_step <= stopped_at < STEPS
+    result = run_launch(ckpt_dir, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stopped_at:09d}" in result.stdout
+    return ckpt_dir
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_config_loop_with_accumulation_precision_clipping_eval_and_ema_resumes_bit_exactly(tmp_path, precision):
+    overrides = [*REAL_LOOP, f"trainer.precision={precision}"]
+    reference = tmp_path / "reference"
+    result = run_launch(reference, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ckpt_dir = _sigterm_rank1_then_resume(tmp_path, *overrides)
+    assert_same_training(ckpt_dir, reference)  # model, optimizer, scheduler, EMA, scaler; every loss
+    run_val = {step: row["val_loss"] for step, row in metrics(ckpt_dir).items() if "val_loss" in row}
+    ref_val = {step: row["val_loss"] for step, row in metrics(reference).items() if "val_loss" in row}
+    assert run_val == ref_val and sorted(ref_val) == list(range(10, STEPS + 1, 10))
+    state = newest_payload(ckpt_dir)["state"]
+    assert "ema" in state and ("scaler" in state) == (precision == "fp16")
+    assert not torch.equal(state["ema"]["shadow"]["net.0.weight"], state["model"]["net.0.weight"])
+
+
+def test_values_belong_to_their_step_and_best_checkpoint_is_ranked_by_its_own_eval(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    result = run_launch(ckpt_dir, *REAL_LOOP, "trainer.max_steps=60", "checkpoint.keep_last=1")
+    assert result.returncode == 0, result.stderr
+    rows = metrics(ckpt_dir)
+    assert all(("val_loss" in row) == (step % 10 == 0) for step, row in rows.items()), "stale val_loss"
+    # Saves at 25, 50, 60: 25 has no evaluation of its own, so it is not ranked; 50 and 60 are.
+    manifests = {step: json.loads((ckpt_dir / f"step_{step:09d}" / "manifest.json").read_text())
+                 for step in steps_with_saves(ckpt_dir)}
+    assert manifests[60]["metric"] == rows[60]["val_loss"]
+    kept_best = min((50, 60), key=lambda step: rows[step]["val_loss"])
+    assert kept_best in manifests
+
+
+def _script(ckpt_dir: Path, *script_args: str, **kw):
+    args = ",".join(script_args)
+    return run_launch(ckpt_dir, f"script={SCRIPT}", f"script_args=[{args}]", f"trainer.max_steps={SCRIPT_STEPS}",
+                      "checkpoint.every_steps=1000", **kw)
+
+
+@pytest.fixture(scope="module")
+def script_reference(tmp_path_factory) -> Path:
+    ckpt_dir = tmp_path_factory.mktemp("script-reference") / "ckpt"
+    result = _script(ckpt_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert steps_with_saves(ckpt_dir) == [SCRIPT_STEPS]
+    return ckpt_dir
+
+
+def _adam_steps(ckpt_dir: Path, step: int) -> set[int]:
+    payload = torch.load(ckpt_dir / f"step_{step:09d}" / "state.pt", weights_only=True)
+    return {int(state["step"]) for state in payload["state"]["optimizer"]["state"].values()}
+
+
+@pytest.mark.parametrize("where", ["before_forward", "after_backward", "after_step", "in_eval"])
+def test_a_stop_agreed_anywhere_in_a_users_step_saves_that_whole_step(tmp_path, script_reference, where):
+    ckpt_dir = tmp_path / "ckpt"
+    at = 10  # a multiple of 5: the script evaluates in that step
+    result = _script(ckpt_dir, f"--where={where}", f"--at={at}")
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stdout + result.stderr
+    assert steps_with_saves(ckpt_dir) == [at]
+    assert _adam_steps(ckpt_dir, at) == {at}, "the checkpoint must hold exactly `at` optimizer steps"
+    resumed = _script(ckpt_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_tensors_equal(newest_payload(ckpt_dir)["state"], newest_payload(script_reference)["state"])
+
+
+@pytest.mark.parametrize("where", ["before_forward", "after_step"])
+def test_save_called_inside_a_step_saves_that_step_at_its_end(tmp_path, where):
+    ckpt_dir = tmp_path / "ckpt"
+    result = _script(ckpt_dir, f"--where={where}", "--at=7", "--save")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert steps_with_saves(ckpt_dir) == [7, SCRIPT_STEPS]
+    assert _adam_steps(ckpt_dir, 7) == {7}
+
+
+def test_a_users_script_is_refused_clearly_when_missing(tmp_path):
+    result = run_launch(tmp_path / "ckpt", f"script={tmp_path / 'nope.py'}", "trainer.max_steps=2")
+    assert result.returncode == 2
+    assert "nope.py: no such file" in result.stderr

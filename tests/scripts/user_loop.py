@@ -1,0 +1,66 @@
+"""A user's own training loop run by ``python -m harness.launch script=...`` (tests/e2e/test_loops.py).
+
+Gradient accumulation, DDP's no_sync on all but the last micro-batch, an evaluation inside the step.
+``--where/--at`` make rank 1 ask for a stop (or every rank call save()) at one point of one step, to
+prove that a mid-step call never labels a state with the wrong step.
+"""
+
+import argparse
+
+import torch
+
+import harness
+from harness.example import MLP, SyntheticClassification, classification_loss
+
+POINTS = ("before_forward", "after_backward", "after_step", "in_eval")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--where", choices=POINTS, default=None)
+    parser.add_argument("--at", type=int, default=0, help="the step (1-based) in which to act")
+    parser.add_argument("--save", action="store_true", help="call session.save() instead of stopping")
+    args = parser.parse_args()
+    cfg = harness.load_config()
+    with harness.Session(cfg) as session:
+        model = session.prepare(MLP())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        session.register(optimizer=optimizer)
+        loader = session.loader(SyntheticClassification(seed=cfg.trainer.seed), batch_size=16)
+
+        for micro in session.batches(loader, accumulate=2):
+            step = session.step + 1  # the step being computed
+
+            def point(name: str) -> None:
+                if name != args.where or step != args.at:
+                    return
+                if args.save:
+                    session.save()
+                    return
+                if session.env.rank == 1:
+                    session.request_stop()
+                assert session.check_stop(), "an agreed stop inside a step must report True"
+
+            optimizer.zero_grad(set_to_none=True)
+            point("before_forward")
+            total = torch.zeros(())
+            for batch in session.micro_batches(model, micro):
+                loss = classification_loss(model, batch) / len(micro)
+                loss.backward()
+                total += loss.detach()
+            point("after_backward")
+            optimizer.step()
+            point("after_step")
+            session.log(loss=total)
+            if step % 5 == 0:
+                model.eval()
+                with torch.no_grad():
+                    for _ in range(3):
+                        point("in_eval")
+                        if session.check_stop():
+                            break
+                model.train()
+
+
+if __name__ == "__main__":
+    harness.entrypoint(main)
