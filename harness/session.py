@@ -36,7 +36,7 @@ from harness.checkpoint.payload import MODEL, Progress, StateRegistry, restore_r
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
-from harness.stop.agreement import AgreementClock, Preempted, agree
+from harness.stop.agreement import AgreementClock, Preempted, agree, grace_warning
 from harness.stop.flag import StopFlag, describe_reason
 from harness.stop.spot import SpotPoller
 
@@ -310,13 +310,20 @@ class Session:
 
     def _stop(self, reason_code: int) -> None:
         reason = describe_reason(reason_code)
-        started = time.perf_counter()
+        started = time.monotonic()
         self.save()
-        self.checkpoints.flush()
+        self.checkpoints.flush()  # async writes and staged uploads included: durable at the destination
+        done = time.monotonic()
+        # From this rank's own signal when it got one, else from the agreement.
+        since_signal = done - (self.flag.requested_at or started)
         self.say(f"stop requested ({reason}) at step {self.progress.step}: checkpoint "
-                 f"{self.store.root}/{step_dir_name(self.progress.step)} committed in "
-                 f"{time.perf_counter() - started:.2f}s; exiting with code {PREEMPTED_EXIT_CODE} "
-                 "(relaunch to resume)")
+                 f"{self.store.root}/{step_dir_name(self.progress.step)} durable {done - started:.2f}s after "
+                 f"the agreement ({since_signal:.2f}s after the signal); exiting with code "
+                 f"{PREEMPTED_EXIT_CODE} (relaunch to resume)")
+        warning = grace_warning(since_signal, self.cfg.preempt.grace_s,
+                                "the signal -> durable checkpoint (uploads included)")
+        if warning:
+            self.say("WARNING: " + warning)
         raise Preempted(self.progress.step, reason)
 
     def save(self) -> None:

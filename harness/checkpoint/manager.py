@@ -8,9 +8,11 @@ chooses, the others learn the outcome, and a failure on any rank raises on all o
 from __future__ import annotations
 
 import fcntl
-import io
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from harness.checkpoint.format import torch_load
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import LOCK_NAME, CheckpointRef, payload_path
+from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, CheckpointRef, payload_path
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, seed_everything, versions)
@@ -124,23 +126,50 @@ class CheckpointManager:
         the data position by samples consumed when it differs from the saved run's.
         """
         error = None
+        node_copy = None
         try:
-            self._restore(ref, data_unit)
+            node_copy = self._node_copy(ref)  # a collective for remote folders
+            self._restore(ref, data_unit, node_copy)
         except Exception as exc:
             error = exc
-        raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+        try:
+            raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+        finally:
+            if node_copy is not None and self.env.local_rank == 0:
+                # Every rank of the node is done with it (memory-mapped pages stay valid).
+                os.unlink(node_copy)
 
-    def _load_payload(self, ref: CheckpointRef) -> dict:
+    def _node_copy(self, ref: CheckpointRef) -> Optional[str]:
+        """For a remote folder (s3://...): local rank 0 of every node streams the payload to a
+        node-local temporary file, and the node's ranks memory-map it, so a node holds one copy of
+        the checkpoint instead of one per rank. None for folders with a local path. A collective."""
         rel = payload_path(ref.name)
-        path = self.store.storage.local_path(rel)
-        source = path if path is not None else io.BytesIO(self.store.storage.read_bytes(rel))
-        payload = torch_load(source, map_location=self.env.device, unsafe=self.ckpt.unsafe_load,
-                             mmap=path is not None)
+        if self.store.storage.local_path(rel) is not None:
+            return None
+        key = hashlib.sha256(f"{self.store.root}/{rel}:{ref.manifest.get('created_unix')}".encode()).hexdigest()[:16]
+        target = os.path.join(tempfile.gettempdir(), f"harness-resume-{key}-{self.env.master_port}.pt")
+        error = None
+        if self.env.local_rank == 0:
+            try:
+                with self.store.storage.open_read(rel) as source, open(target, "wb") as copy:
+                    shutil.copyfileobj(source, copy, HASH_CHUNK)
+            except OSError as exc:
+                error = exc
+        raise_if_any_failed(error, f"downloading {self.store.root}/{rel} failed", self.env.device)
+        return target
+
+    def _load_payload(self, ref: CheckpointRef, node_copy: Optional[str]) -> dict:
+        """The payload, memory-mapped, on the CPU: modules and optimizers copy what they load onto
+        their own device (the optimizer keeps its ``step`` counters on the CPU, where torch wants
+        them); mapping to the GPU first would only add a copy and put those counters on the GPU."""
+        rel = payload_path(ref.name)
+        path = node_copy or self.store.storage.local_path(rel)
+        payload = torch_load(path, map_location="cpu", unsafe=self.ckpt.unsafe_load, mmap=True)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
-    def _restore(self, ref: CheckpointRef, data_unit: Optional[int]) -> None:
+    def _restore(self, ref: CheckpointRef, data_unit: Optional[int], node_copy: Optional[str]) -> None:
         started = time.perf_counter()
-        payload = self._load_payload(ref)
+        payload = self._load_payload(ref, node_copy)
         self.registry.load_state_dict(payload[KEY_STATE])
         self.progress.load_state_dict(payload[KEY_PROGRESS])
         self._remap(payload[KEY_RNG], data_unit)

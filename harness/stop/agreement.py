@@ -105,11 +105,12 @@ class AgreementClock:
         self.next_step = step + interval
 
 
-def grace_warning(save_s: float, grace_s: float) -> Optional[str]:
-    """A warning when the last save would not fit in the grace window (with 20% headroom)."""
+def grace_warning(save_s: float, grace_s: float, what: str = "the last checkpoint save") -> Optional[str]:
+    """A warning when ``what`` (which took ``save_s``) would not fit in the grace window (with 20%
+    headroom)."""
     if save_s * 1.2 <= grace_s:
         return None
-    return (f"the last checkpoint save took {save_s:.1f}s, which does not fit the {grace_s:.0f}s "
+    return (f"{what} took {save_s:.1f}s, which does not fit the {grace_s:.0f}s "
             "grace window (preempt.grace_s) with headroom: a preemption may kill the job mid-save. "
             "HINT: raise the scheduler's grace time / signal lead, or enable checkpoint.async_save")
 

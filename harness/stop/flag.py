@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Callable, Optional
 
 log = logging.getLogger("harness")
@@ -34,6 +35,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.reason = REASON_NONE
         self.interrupts = 0  # Ctrl-C presses seen
+        self.requested_at: Optional[float] = None  # time.monotonic() of the first request
         self._previous: dict[int, object] = {}
 
     @property
@@ -43,6 +45,7 @@ class StopFlag:
     def request(self, reason: int = REASON_REQUEST) -> None:
         if self.reason == REASON_NONE:
             self.reason = reason
+            self.requested_at = time.monotonic()
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT:
