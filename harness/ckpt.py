@@ -8,6 +8,9 @@
 PATH is a checkpoint folder (``step_*``), a run's checkpoint folder (its newest complete checkpoint
 is used), or a single file: a harness ``state.pt``, a plain state_dict, a detectron2/Lightning-style
 dict, or (with ``--unsafe`` only) a pickled full model.
+
+This module stays long (~470 lines) on purpose: it is the whole CLI, and its four subcommands share
+one way to locate, load and flatten checkpoints; split, each piece would re-import the others.
 """
 
 from __future__ import annotations

@@ -357,3 +357,53 @@ def position_loader(loader: DataLoader, seed: int, epoch: int, batch_in_epoch: i
     sampler = _sampler_of(loader)
     sampler.set_position(seed, epoch, batch_in_epoch)
     loader.generator.manual_seed(loader_seed(seed, epoch, sampler.rank))
+
+
+# ----- streams: iterable datasets that carry their own position ------------------------------------
+class StreamLoader(DataLoader):
+    """A DataLoader over an iterable dataset with ``state_dict()/load_state_dict()`` (the protocol of
+    torchdata's StatefulDataLoader and Hugging Face ``datasets`` streaming), without workers.
+
+    The loader is a Stateful: its state is the dataset's position, which the harness saves with each
+    checkpoint and restores before the next ``iter()``. Without workers nothing is prefetched, so
+    after N batches the dataset's position is exactly N x batch_size items in.
+    """
+
+    def state_dict(self) -> dict:
+        return {"dataset": self.dataset.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+
+
+def is_stream(loader: DataLoader) -> bool:
+    """Whether ``loader`` reads an iterable dataset (no epochs positions; the loader is a Stateful)."""
+    return isinstance(loader.dataset, IterableDataset)
+
+
+def make_stream_loader(dataset: IterableDataset, batch_size: int, world_size: int, num_workers: int = 0,
+                       pin_memory: bool = False, collate_fn: Optional[Callable] = None,
+                       worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
+    """A resumable loader over an iterable dataset: each rank reads its own stream (shard it by rank
+    yourself, e.g. ``datasets.distributed.split_dataset_by_node``).
+
+    Raises TypeError when the dataset cannot report its position (it would silently restart from
+    the beginning of the stream on every resume) and ImportError when ``num_workers > 0`` needs
+    torchdata's StatefulDataLoader (it collects the position from every worker) and it is missing.
+    """
+    if not (callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))):
+        raise TypeError(f"{type(dataset).__name__} is an IterableDataset without state_dict()/"
+                        "load_state_dict(): a resume would restart its stream from the beginning. "
+                        "HINT: implement both (Hugging Face datasets streaming does), or use a "
+                        "map-style dataset (__getitem__ + __len__)")
+    options = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                   collate_fn=collate_fn, drop_last=True)
+    if num_workers == 0:
+        return StreamLoader(dataset, **options)
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError as error:
+        raise ImportError("num_workers > 0 with an iterable dataset needs torchdata's "
+                          "StatefulDataLoader to collect every worker's position: pip install "
+                          "'harness[stream]' (or torchdata), or set num_workers=0") from error
+    return StatefulDataLoader(dataset, worker_init_fn=ChainedWorkerInit(worker_init_fn), **options)

@@ -27,12 +27,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
-from harness.checkpoint.payload import MODEL, Progress, StateRegistry, restore_rng, seed_everything
+from harness.checkpoint.payload import MODEL, STREAM, Progress, StateRegistry, restore_rng, seed_everything
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
@@ -141,7 +141,16 @@ class Session:
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
                **kwargs: Any) -> DataLoader:
-        """A DataLoader sharded over ranks whose position the harness saves and restores."""
+        """A DataLoader sharded over ranks whose position the harness saves and restores.
+
+        Map-style datasets: a keyed permutation per epoch, sharded like DistributedSampler, with
+        per-sample augmentation seeds (``harness.data``). Iterable datasets must implement
+        ``state_dict()/load_state_dict()``; each rank reads its own stream (``shuffle`` ignored).
+        """
+        if isinstance(dataset, IterableDataset):
+            return data_mod.make_stream_loader(dataset, batch_size=batch_size, world_size=self.env.world_size,
+                                               num_workers=num_workers, pin_memory=self.env.uses_cuda,
+                                               **kwargs)
         return data_mod.make_loader(dataset, batch_size=batch_size, rank=self.env.rank,
                                     world_size=self.env.world_size, seed=self.cfg.trainer.seed,
                                     shuffle=shuffle, num_workers=num_workers,
@@ -196,6 +205,9 @@ class Session:
         """
         if accumulate < 1:
             raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
+        if data_mod.is_stream(loader):
+            yield from self._stream_batches(loader, accumulate)
+            return
         self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
         self.start()
         per_epoch = data_mod.steps_per_epoch(loader) // accumulate * accumulate
@@ -213,20 +225,42 @@ class Session:
                 # After iter() and the skip, so the restored state is exactly the saved one.
                 restore_rng(self.checkpoints.pending_rng)
                 self.checkpoints.pending_rng = None
-            group: list = []
-            for batch in iterator:
-                group.append(batch)
-                if len(group) < accumulate:
-                    continue
-                self._in_step = True
-                try:
-                    yield group if accumulate > 1 else group[0]
-                finally:  # also when the caller breaks out of the loop
-                    self._in_step = False
-                group = []
-                self._end_step(accumulate)
-                if self.progress.step >= self.cfg.trainer.max_steps or self.progress.batch_in_epoch >= per_epoch:
-                    break
+            yield from self._steps(iterator, accumulate, per_epoch)
+        self.finish()
+
+    def _steps(self, iterator: Iterator[Any], accumulate: int, per_epoch: Optional[int]) -> Iterator[Any]:
+        """Group batches into steps and end each step, until max_steps or the end of the epoch."""
+        group: list = []
+        for batch in iterator:
+            group.append(batch)
+            if len(group) < accumulate:
+                continue
+            self._in_step = True
+            try:
+                yield group if accumulate > 1 else group[0]
+            finally:  # also when the caller breaks out of the loop
+                self._in_step = False
+            group = []
+            self._end_step(accumulate)
+            if self.progress.step >= self.cfg.trainer.max_steps:
+                return
+            if per_epoch is not None and self.progress.batch_in_epoch >= per_epoch:
+                return
+
+    def _stream_batches(self, loader: DataLoader, accumulate: int) -> Iterator[Any]:
+        """``batches()`` over an iterable dataset: the loader is registered (its state is the
+        stream's position) and restored on resume; an exhausted stream starts the next epoch."""
+        self.registry.register(STREAM, loader)
+        self.start()
+        while self.progress.step < self.cfg.trainer.max_steps:
+            iterator = iter(loader)
+            if self.checkpoints.pending_rng is not None:
+                restore_rng(self.checkpoints.pending_rng)
+                self.checkpoints.pending_rng = None
+            yield from self._steps(iterator, accumulate, per_epoch=None)
+            if self.progress.step < self.cfg.trainer.max_steps:  # the stream ended: a new epoch
+                self.progress.epoch += 1
+                self.progress.batch_in_epoch = 0
         self.finish()
 
     def micro_batches(self, model: torch.nn.Module, micro: list) -> Iterator[Any]:

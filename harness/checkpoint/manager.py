@@ -7,6 +7,7 @@ chooses, the others learn the outcome, and a failure on any rank raises on all o
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -57,15 +58,17 @@ class CheckpointManager:
         self.resumed_from: Optional[CheckpointRef] = None
         self.pending_rng: Optional[dict] = None  # this rank's RNG, restored once the loader is positioned
         self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
-        self._lock_fd: Optional[int] = None  # rank 0's flock on the run folder
+        self._lock_fd: Optional[int] = None  # rank 0's lock on the run folder
 
     # ----- one job per folder ---------------------------------------------------------------------
     def lock(self) -> None:
         """Refuse to run while another job writes to the same checkpoint folder (a collective).
 
-        Rank 0 holds an exclusive ``flock`` on ``<dir>/.harness.lock`` (its host and pid written in
-        it) for the life of its process; the kernel drops it when the process dies, even by SIGKILL,
-        so a crashed job never leaves a stale lock. Remote (fsspec) folders are not locked.
+        Rank 0 holds an exclusive POSIX record lock (``lockf``) on ``<dir>/.harness.lock``, its host
+        and pid written in it, for the life of its process. The kernel drops it when the process
+        dies, even by SIGKILL, so a crashed job never leaves a stale lock; unlike ``flock``, forked
+        DataLoader workers do not inherit it (they may outlive their rank by seconds), and NFS
+        supports it. Remote (fsspec) folders are not locked.
         """
         on_rank0(self._lock_here, "another job holds this run's checkpoint folder", self.env.is_main)
 
@@ -76,8 +79,11 @@ class CheckpointManager:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise CheckpointError(
@@ -88,7 +94,7 @@ class CheckpointManager:
         self._lock_fd = fd
 
     def unlock(self) -> None:
-        """Release the folder (rank 0; not a collective). Closing the descriptor drops the flock."""
+        """Release the folder (rank 0; not a collective). Closing the descriptor drops the lock."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -28,6 +28,7 @@ KEY_RNG = "rng"  # list indexed by rank
 KEY_CONFIG = "config"
 KEY_META = "meta"
 MODEL = "model"  # the registered name the built-in loop gives its model
+STREAM = "data_stream"  # the registered name of an iterable dataset's loader (its stream position)
 
 @runtime_checkable
 class Stateful(Protocol):

@@ -74,7 +74,7 @@ def test_values_belong_to_their_step_and_best_checkpoint_is_ranked_by_its_own_ev
 
 
 def _script(ckpt_dir: Path, *script_args: str, **kw):
-    args = ",".join(script_args)
+    args = ",".join(f"'{arg}'" for arg in script_args)  # quoted: Hydra's grammar reserves "="
     return run_launch(ckpt_dir, f"script={SCRIPT}", f"script_args=[{args}]", f"trainer.max_steps={SCRIPT_STEPS}",
                       "checkpoint.every_steps=1000", **kw)
 

@@ -1,1 +1,0 @@
-"""The Hydra presets (config.yaml, launcher/, task/): installed as the package harness.conf."""

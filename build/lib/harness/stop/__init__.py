@@ -1,1 +1,0 @@
-"""Stopping: the signal flag (flag), cross-rank agreement (agreement), cloud notices (spot)."""
