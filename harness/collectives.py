@@ -64,8 +64,9 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
         raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")
 
 
-# gloo's message when a peer's connection drops: "Connection closed by peer [10.77.0.12]:57993".
-_PEER_ADDRESS = re.compile(r"by peer \[([^\]]+)\]")
+# gloo names the peer whose connection dropped: "Connection closed by peer [10.77.0.12]:57993",
+# "Read error [10.77.0.12]:24812: Connection reset by peer".
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
 
 
 @dataclass(frozen=True)
