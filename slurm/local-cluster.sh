@@ -7,6 +7,7 @@
 #   bash slurm/local-cluster.sh start --nodes 2    # two nodes n1, n2 (network namespaces)
 #   bash slurm/local-cluster.sh stop               # cancel every job, stop the daemons, remove the nodes
 #   bash slurm/local-cluster.sh status             # exit 0 if up (prints the nodes), non-zero otherwise
+#   bash slurm/local-cluster.sh exec n1 CMD...     # run CMD "on" node n1 (e.g. torchrun), see below
 #
 # Only one cluster runs at a time (the ports are fixed): `start` with another
 # node count than the running cluster's refuses and says to `stop` first
@@ -22,7 +23,7 @@
 # mount namespace: the machine's /etc/hosts is never changed). Its jobs
 # inherit all three, so gloo finds its peers by node name. From the machine's
 # namespace use the addresses (n1, n2 do not resolve there), or run inside a
-# node: nsenter --net=/run/netns/n1 -- ...
+# node with `exec NODE CMD...` (its network, hostname and /etc/hosts, like slurmd's).
 # (`ip netns exec` is not used for slurmd: it remounts /sys, which hides the
 # cgroup fs, and slurmd 22.05 then refuses to start.)
 #
@@ -101,6 +102,9 @@ usage: bash $0 start [--nodes N] | stop | status
   stop    cancel all jobs, stop the daemons, remove the node namespaces and
           put back the /etc/slurm/slurm.conf from before start
   status  print the daemons and the nodes; exit 0 if the cluster is up
+  exec NODE CMD...
+          run CMD as if on node NODE (n1, ...): its network namespace,
+          hostname and /etc/hosts; e.g. to start torchrun's agent there
 
 State, config and logs live in \$HARNESS_SLURM_DIR (now: $DIR).
 EOF
@@ -587,6 +591,16 @@ cmd_stop() {
     log "stopped"
 }
 
+# The same three namespaces slurmd gets (start_daemons), for a command of the user's.
+cmd_exec() {
+    [[ $EXEC_NODE =~ ^n[0-9]+$ && -e $NETNS_DIR/$EXEC_NODE ]] ||
+        die "no node '$EXEC_NODE' (start a cluster with: bash $0 start --nodes 2)"
+    exec nsenter --net="$NETNS_DIR/$EXEC_NODE" -- \
+        unshare --uts --mount --propagation slave -- \
+        sh -c 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"' \
+        sh "$NODE_HOSTS" "$EXEC_NODE" "${EXEC_ARGS[@]}"
+}
+
 cmd_status() {
     local p rc=0 n
     NODES=$(recorded_nodes)
@@ -622,6 +636,13 @@ cmd_status() {
 (($# >= 1)) || usage
 COMMAND=$1
 shift
+if [[ $COMMAND == exec ]]; then
+    (($# >= 2)) || usage
+    EXEC_NODE=$1
+    shift
+    EXEC_ARGS=("$@")
+    set --
+fi
 while (($#)); do
     case "$1" in
         --nodes) (($# >= 2)) || usage; NODES=$2; shift 2 ;;
@@ -643,5 +664,6 @@ case "$COMMAND" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    exec) cmd_exec ;;
     *) usage ;;
 esac

@@ -16,12 +16,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newest_payload, run_launch,
                       steps_with_saves, wait_for)
+from harness.env import free_port
 from harness.launch.slurm import job_info
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
@@ -168,3 +170,48 @@ def test_a_lost_node_fails_naming_it_and_the_requeued_job_resumes_exactly(tmp_pa
         assert "Node failure on n2" in logs
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def _torchrun_agent(node: str, ckpt_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """torchrun's agent on ``node`` (its namespaces via local-cluster.sh exec; the pid is the agent's:
+    every step of the chain execs). One rank per node, rendezvous at n1."""
+    overrides = [o for o in BASE_OVERRIDES if not o.startswith("launcher.")]
+    command = [*CLUSTER, "exec", node, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"10.77.0.11:{port}",
+               "--rdzv-id", "multinode", "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1,SIGUSR2",
+               "-m", "harness.launch", "launcher=direct", "name=test", f"checkpoint.dir={ckpt_dir}",
+               *overrides, *OVERRIDES]
+    return subprocess.Popen(command, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def test_torchrun_across_two_nodes_stops_on_a_signal_to_one_agent_and_resumes_exactly(tmp_path, reference):
+    """SIGTERM to n2's agent: it forwards it to its rank, the ranks agree, rank 0 saves, both ranks
+    exit 75 and both agents exit 1 (torchrun reports 75 as a ChildFailedError). Relaunching both
+    agents resumes and ends bit-identical."""
+    ckpt_dir = tmp_path / "ckpt"
+    logs = {node: tmp_path / f"{node}.log" for node in NODES}
+    port = free_port()
+    agents = {node: _torchrun_agent(node, ckpt_dir, port, logs[node]) for node in NODES}
+    try:
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 10, timeout=120, what="training progress")
+        agents["n2"].send_signal(signal.SIGTERM)
+        codes = {node: agent.wait(timeout=90) for node, agent in agents.items()}
+    finally:
+        for agent in agents.values():
+            if agent.poll() is None:
+                agent.kill()
+    text = {node: log.read_text() for node, log in logs.items()}
+    assert codes == {"n1": 1, "n2": 1}, text
+    assert "exitcode  : 75" in text["n1"], text["n1"]
+    stopped = re.search(r"\[rank 1\] stopped at step (\d+) \(SIGTERM\)", text["n2"])
+    assert stopped and f"[rank 0] stopped at step {stopped.group(1)}" in text["n1"], text
+    assert steps_with_saves(ckpt_dir)[-1] == int(stopped.group(1))
+
+    agents = {node: _torchrun_agent(node, ckpt_dir, port, tmp_path / f"{node}-resumed.log") for node in NODES}
+    codes = {node: agent.wait(timeout=180) for node, agent in agents.items()}
+    resumed = (tmp_path / "n1-resumed.log").read_text()
+    assert codes == {"n1": 0, "n2": 0}, resumed
+    assert f"resumed from {ckpt_dir}/step_{int(stopped.group(1)):09d}" in resumed
+    payload, expected = newest_payload(ckpt_dir), newest_payload(reference)
+    assert payload["progress"]["step"] == MAX_STEPS
+    assert_tensors_equal(payload["state"], expected["state"], "state")
