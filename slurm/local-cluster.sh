@@ -80,6 +80,10 @@ CTLD_PID="$DIR/run/slurmctld.pid"
 SLURMD_PID="$DIR/run/slurmd.pid"
 NODES_FILE="$DIR/run/nodes"
 NODE_HOSTS="$DIR/etc/hosts"
+# Present when our first `ip netns add` made $NETNS_DIR a mount point (stop unmounts it then).
+NETNS_MOUNT_MARK="$DIR/run/netns-mount"
+# How many node namespaces (n1..nK) setup_network made: what stop removes.
+NETNS_FILE="$DIR/run/netns-nodes"
 # The short host name (uname: `hostname` is not on every minimal image).
 NODE="$(uname -n)"
 NODE="${NODE%%.*}"
@@ -392,6 +396,11 @@ setup_network() {
         ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
     fi
     ip link set "$BRIDGE" up
+    # `ip netns add` bind-mounts $NETNS_DIR onto itself the first time: remember whether that was us.
+    if ! mountpoint -q "$NETNS_DIR" 2>/dev/null && [[ ! -e $NETNS_MOUNT_MARK ]]; then
+        touch "$NETNS_MOUNT_MARK"
+    fi
+    echo "$NODES" >"$NETNS_FILE"
     for n in $(node_names); do
         [[ -e $NETNS_DIR/$n ]] || ip netns add "$n"
         if ! ip link show "h-$n" >/dev/null 2>&1; then
@@ -407,15 +416,22 @@ setup_network() {
 
 # Remove every namespace and link setup_network made (their slurmds are gone).
 teardown_network() {
-    local ns
-    for ns in "$NETNS_DIR"/n[0-9]*; do
-        [[ -e $ns ]] || continue
-        ns=${ns##*/}
+    local ns made=0 i
+    [[ -s $NETNS_FILE ]] && made=$(<"$NETNS_FILE")
+    [[ $made =~ ^[0-9]+$ ]] || made=0
+    for ((i = 1; i <= made; i++)); do
+        ns=n$i
         ip link del "h-$ns" 2>/dev/null || true
+        [[ -e $NETNS_DIR/$ns ]] || continue
         ip netns del "$ns" && log "removed node namespace $ns"
     done
+    rm -f "$NETNS_FILE"
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
         ip link del "$BRIDGE" && log "removed bridge $BRIDGE"
+    fi
+    if [[ -e $NETNS_MOUNT_MARK ]] && [[ -z $(ls -A "$NETNS_DIR" 2>/dev/null) ]]; then
+        umount "$NETNS_DIR" 2>/dev/null && rmdir "$NETNS_DIR" 2>/dev/null && log "unmounted $NETNS_DIR"
+        rm -f "$NETNS_MOUNT_MARK"
     fi
 }
 
@@ -576,12 +592,16 @@ cmd_stop() {
     else
         log "no daemon running"
     fi
-    # Whatever is still in a node namespace (a step that outlived its slurmd)
-    # goes with the node: by pid, only processes inside our namespaces.
-    for n in "$NETNS_DIR"/n[0-9]*; do
-        [[ -e $n ]] || continue
-        for pid in $(netns_pids "${n##*/}"); do
-            log "killing leftover process $pid in node ${n##*/}"
+    # Whatever is still in a node namespace (a step that outlived its slurmd,
+    # a command from `exec`) goes with the node: by pid, only processes inside
+    # our namespaces.
+    local made=0
+    [[ -s $NETNS_FILE ]] && made=$(<"$NETNS_FILE")
+    [[ $made =~ ^[0-9]+$ ]] || made=0
+    for ((i = 1; i <= made; i++)); do
+        [[ -e $NETNS_DIR/n$i ]] || continue
+        for pid in $(netns_pids "n$i"); do
+            log "killing leftover process $pid in node n$i"
             kill -KILL "$pid" 2>/dev/null || true
         done
     done
