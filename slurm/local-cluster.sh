@@ -96,7 +96,7 @@ die() { echo "local-cluster: error: $*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
-usage: bash $0 start [--nodes N] | stop | status
+usage: bash $0 start [--nodes N] | stop | status | exec NODE CMD...
 
   start   install SLURM (Debian packages) if needed and start a cluster of
           N nodes (default 1: this machine; N >= 2: network namespaces
@@ -400,7 +400,9 @@ setup_network() {
     if ! mountpoint -q "$NETNS_DIR" 2>/dev/null && [[ ! -e $NETNS_MOUNT_MARK ]]; then
         touch "$NETNS_MOUNT_MARK"
     fi
-    echo "$NODES" >"$NETNS_FILE"
+    local made=0
+    [[ -s $NETNS_FILE ]] && made=$(<"$NETNS_FILE")
+    [[ $made =~ ^[0-9]+$ ]] && ((made > NODES)) || echo "$NODES" >"$NETNS_FILE"
     for n in $(node_names); do
         [[ -e $NETNS_DIR/$n ]] || ip netns add "$n"
         if ! ip link show "h-$n" >/dev/null 2>&1; then
