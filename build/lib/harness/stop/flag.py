@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Callable, Optional
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("harness")
 
 REASON_NONE = 0
 REASON_REQUEST = 1  # request_stop() from code
