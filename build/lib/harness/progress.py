@@ -9,12 +9,6 @@ import time
 from typing import IO, Optional
 
 
-def say(text: str, source: str = "harness", stream: Optional[IO[str]] = None) -> None:
-    """The one channel for lines a person reads: ``[source] text`` (launchers: stderr). Diagnostics
-    go through ``logging.getLogger("harness")`` instead."""
-    print(f"[{source}] {text}", file=stream or sys.stderr, flush=True)
-
-
 def format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -73,7 +67,7 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.console.print(text)
         else:
-            say(text, stream=self.stream)
+            print(f"[harness] {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

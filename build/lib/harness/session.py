@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import sys
 import time
 from typing import Any, Iterator, Optional
 
@@ -32,7 +31,6 @@ from torch.utils.data import DataLoader, Dataset
 from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
-from harness.collectives import Peer, describe_lost_peer, gather_peers
 from harness.checkpoint.payload import MODEL, Progress, StateRegistry, restore_rng, seed_everything
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE
 from harness.env import DistEnv, read_env
@@ -64,7 +62,6 @@ class Session:
         self._started = False
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
-        self.peers: list[Peer] = []
         self._setup()
 
     # ----- set-up and tear-down -------------------------------------------------------------------
@@ -78,8 +75,6 @@ class Session:
                 backend=self.env.backend, rank=self.env.rank, world_size=self.env.world_size,
                 init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
                 timeout=datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s))
-        # Which rank runs where, so a failed collective can name the node that went away.
-        self.peers = gather_peers()
         seed_everything(self.cfg.trainer.seed)  # identical model init on every rank
         if not self._flag_installed:
             self.flag.install(list(self.cfg.preempt.signals))
@@ -91,10 +86,6 @@ class Session:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and not isinstance(exc, Preempted):
-            lost = describe_lost_peer(exc, self.peers, self.env.rank)
-            if lost is not None:  # every rank that saw it says so: the survivors' logs name the node
-                print(f"[rank {self.env.rank}] {lost}", file=sys.stderr, flush=True)
         self.close(barrier=exc_type is None or issubclass(exc_type, Preempted))
 
     def close(self, barrier: bool = True) -> None:

@@ -13,7 +13,6 @@ A relaunch with the same ``name`` (or ``checkpoint.dir``) resumes from its newes
 
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
@@ -42,10 +41,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     code = launch(cfg)
     sys.stdout.flush()
     sys.stderr.flush()
-    if cfg.launcher.backend == "direct":
-        # This process was a rank and is past its final barrier: skip torch's process-group teardown,
-        # which sometimes aborts a finished rank (exit 134), as harness.launch.worker does.
-        os._exit(code)
     if code:
         sys.exit(code)
 

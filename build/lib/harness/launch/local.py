@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
-from harness.progress import say as report_line
 from harness.env import free_port
 
 # Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
@@ -36,7 +35,7 @@ def default_nproc() -> int:
 
 
 def say(text: str) -> None:
-    report_line(text, "harness.launch")
+    print(f"[harness.launch] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Callable, Optional
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 REASON_NONE = 0
 REASON_REQUEST = 1  # request_stop() from code

@@ -22,7 +22,7 @@ Launched workers inherit the environment, so setting these once where the launch
 from __future__ import annotations
 
 import posixpath
-import logging
+import warnings
 from typing import IO, Any, Callable, Optional
 
 import fsspec.core
@@ -30,8 +30,6 @@ from fsspec.spec import AbstractBufferedFile
 
 from harness.checkpoint.layout import MANIFEST_NAME
 from harness.checkpoint.storage.local import HashingWriter
-
-log = logging.getLogger("harness")
 
 
 class FsspecStorage:
@@ -149,7 +147,7 @@ def _abandon(handle: IO[bytes], root: str, rel: str) -> None:
     try:
         handle.discard()
     except Exception as error:  # the original error matters more; say what may be left over
-        log.warning(f"could not discard the partial upload of {root}/{rel} ({error}); it is not "
+        warnings.warn(f"could not discard the partial upload of {root}/{rel} ({error}); it is not "
                       "visible, but an incomplete multipart upload may remain: a bucket lifecycle "
                       "rule AbortIncompleteMultipartUpload removes it", stacklevel=2)
     if isinstance(handle, AbstractBufferedFile):

@@ -41,7 +41,7 @@ import json
 import os
 import threading
 import traceback
-import logging
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import IO, Callable, Optional, TypeVar
@@ -56,8 +56,6 @@ RECOVER = "recover"  # a checkpoint found complete in the staging folder at star
 REMOVE = "remove"  # retention dropped a checkpoint: delete it remotely, then locally
 
 T = TypeVar("T")
-
-log = logging.getLogger("harness")
 
 
 @dataclass(frozen=True)
@@ -297,14 +295,14 @@ class StagedStorage:
         except FileNotFoundError:
             return  # pruned before its turn came
         except (ValueError, KeyError, TypeError) as error:
-            log.warning(f"not uploading {self.local.root}/{folder}: unreadable manifest ({error})")
+            warnings.warn(f"not uploading {self.local.root}/{folder}: unreadable manifest ({error})", stacklevel=2)
             return
         if not self._on_remote(folder, encoded, files):
             for name, expected in sorted(files.items()):
                 try:
                     self._upload(f"{folder}/{name}", expected["sha256"])
                 except CheckpointError as error:  # damaged in the staging folder: never publish it
-                    log.warning(f"not uploading {self.local.root}/{folder}: {error}")
+                    warnings.warn(f"not uploading {self.local.root}/{folder}: {error}", stacklevel=2)
                     return
             self._upload(manifest_rel, hashlib.sha256(encoded).hexdigest())
         self._uploaded_checkpoint(folder)
