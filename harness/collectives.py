@@ -7,6 +7,10 @@ rank must call it, in the same order. Errors name the failing rank(s).
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -58,3 +62,52 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
     ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
     if ranks:
         raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")
+
+
+# gloo names the peer whose connection dropped: "Connection closed by peer [10.77.0.12]:57993",
+# "Read error [10.77.0.12]:24812: Connection reset by peer".
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where one rank runs: its node's name and the address its peers reach it at."""
+
+    rank: int
+    node: str
+    address: str
+
+
+def this_address() -> str:
+    """The address gloo binds for this host: its name as resolved here (127.0.0.1 when unresolvable)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def gather_peers() -> list[Peer]:
+    """Every rank's node and address, indexed by rank. A collective; [] without a process group."""
+    if not distributed():
+        return []
+    rows: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (os.uname().nodename, this_address()))
+    return [Peer(rank, node, address) for rank, (node, address) in enumerate(rows)]
+
+
+def describe_lost_peer(error: BaseException, peers: list[Peer], me: int) -> Optional[str]:
+    """Name the rank(s) and node behind a collective that failed because a peer vanished.
+
+    None when the error does not name a peer address, or no known rank has it.
+    """
+    match = _PEER_ADDRESS.search(str(error))
+    if match is None:
+        return None
+    lost = [peer for peer in peers if peer.address == match.group(1) and peer.rank != me]
+    if not lost:
+        return None
+    ranks = ", ".join(str(peer.rank) for peer in lost)
+    nodes = ", ".join(sorted({peer.node for peer in lost}))
+    return (f"lost contact with rank {ranks} on node {nodes} ({match.group(1)}): that node or its "
+            "rank died. Stopping; the last committed checkpoint is kept, and the next launch (or "
+            "SLURM's requeue) resumes from it")

@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 import time
 from typing import Any, Iterator, Optional
 
@@ -33,6 +34,7 @@ from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.payload import MODEL, STREAM, Progress, StateRegistry, restore_rng, seed_everything
+from harness.collectives import Peer, describe_lost_peer, gather_peers
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
@@ -70,6 +72,7 @@ class Session:
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
+        self.peers: list[Peer] = []
         self._setup()
 
     # ----- set-up and tear-down -------------------------------------------------------------------
@@ -83,6 +86,8 @@ class Session:
                 backend=self.env.backend, rank=self.env.rank, world_size=self.env.world_size,
                 init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
                 timeout=datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s))
+        # Which rank runs where, so a failed collective can name the node that went away.
+        self.peers = gather_peers()
         seed_everything(self.cfg.trainer.seed)  # identical model init on every rank
         if not self._flag_installed:
             self.flag.install(list(self.cfg.preempt.signals))
@@ -94,6 +99,10 @@ class Session:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not isinstance(exc, Preempted):
+            lost = describe_lost_peer(exc, self.peers, self.env.rank)
+            if lost is not None:  # every rank that saw it says so: the survivors' logs name the node
+                print(f"[rank {self.env.rank}] {lost}", file=sys.stderr, flush=True)
         self.close(barrier=exc_type is None or issubclass(exc_type, Preempted))
 
     def close(self, barrier: bool = True) -> None:

@@ -14,12 +14,15 @@ SLURM on its own). Time-outs (a stop late in the time limit) spend a budget; pre
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -151,10 +154,28 @@ class SlurmEntry:
         code = run_worker(self.config_data, flag)
         if code == PREEMPTED_EXIT_CODE:
             requeue_after_preemption(env, launcher, time.monotonic() - started)
+            atexit.register(exit_without_teardown)
             return {"status": "preempted", "rank": env.rank}
         if code != 0:
             raise RuntimeError(f"rank {env.rank} failed with exit code {code}")
+        atexit.register(exit_without_teardown)
         return {"status": "finished", "rank": env.rank}
+
+
+def exit_without_teardown() -> None:
+    """At interpreter exit, after submitit pickled the result: leave without torch's teardown.
+
+    Ranks that completed (past the final barrier) sometimes abort in torch's process-group teardown
+    ("terminate called without an active exception", exit 134), most often across hosts. submitit
+    writes the result pickle after ``SlurmEntry`` returns, so ``os._exit`` cannot go there; atexit
+    runs after that, and after non-daemon threads were joined. An uncaught exception (e.g. the
+    pickle could not be written) keeps its exit code 1.
+    """
+    code = 1 if getattr(sys, "last_value", None) is not None else 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def partition_limits(partition: Optional[str]) -> Optional[tuple[str, int, int]]:
