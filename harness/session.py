@@ -19,6 +19,7 @@ every ``checkpoint.every_steps`` and, when any rank received a stop signal, save
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -61,8 +62,9 @@ class Session:
         flag = flag if flag is not None else StopFlag.installed(list(cfg.preempt.signals))
         self._flag_installed = flag is not None
         self.flag = flag if flag is not None else StopFlag()
-        self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress,
-                                             config_data or {}, self.say)
+        # The resolved config saved in every checkpoint: the launcher's (a script run by it), else cfg's.
+        config_data = config_data or launched_config() or dataclasses.asdict(cfg)
+        self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say)
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
         self.metrics: dict[str, Any] = {}  # values logged during the current step
         self._started = False
@@ -300,6 +302,7 @@ class Session:
             self.say(f"WARNING: checkpoint.resume=false, but {self.store.root} holds checkpoints: "
                      "this run starts fresh and overwrites checkpoints of the same steps")
         if ref is None:
+            self.progress.data_unit = self._data_unit  # what batch_in_epoch counts, for a later resize
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank)  # distinct dropout per rank
             self.say(f"no checkpoint in {self.store.root}: starting fresh "
                      f"(rank {self.env.rank}/{self.env.world_size}, {self.env.backend}, {self.env.device})")

@@ -17,13 +17,25 @@ SINGLE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_
 
 
 class NumberStream(IterableDataset):
-    """0, 1, 2, ... up to ``length`` with a little random noise drawn per item (from the global RNG,
-    like an augmentation); its position is saved. With workers, worker w yields the items i with
-    i % workers == w (StatefulDataLoader saves each worker's position)."""
+    """0, 1, 2, ... up to ``length`` with a little random noise per item, like an augmentation; its
+    position is saved. With workers, worker w yields the items i with i % workers == w
+    (StatefulDataLoader saves each worker's position).
 
-    def __init__(self, length: int = 200):
+    ``noise="global"`` draws from torch's global RNG: exact without workers (the main process's RNG
+    is restored on resume). In workers a stream's randomness must come from its own state, e.g. a
+    generator seeded from the item's position (``noise="per_item"``): workers' global RNGs restart
+    from a new base seed after a resume.
+    """
+
+    def __init__(self, length: int = 200, noise: str = "global"):
         self.length = length
+        self.noise = noise
         self.position = 0  # next item index (per worker, for a worker's copy)
+
+    def _noise(self, index: int) -> float:
+        if self.noise == "global":
+            return torch.rand(()).item()
+        return torch.rand((), generator=torch.Generator().manual_seed(index)).item()
 
     def __iter__(self):
         info = get_worker_info()
@@ -32,7 +44,7 @@ class NumberStream(IterableDataset):
             index = self.position
             self.position += 1
             if index % workers == worker:
-                yield torch.tensor([float(index), torch.rand(()).item()])
+                yield torch.tensor([float(index), self._noise(index)])
         self.position = 0  # the next epoch starts again from the beginning
 
     def state_dict(self) -> dict:
@@ -57,7 +69,8 @@ def _train(ckpt_dir: Path, num_workers: int, stop_at: int = 0) -> list[torch.Ten
         model = session.prepare(torch.nn.Linear(2, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         session.register(optimizer=optimizer)
-        loader = session.loader(NumberStream(), batch_size=4, num_workers=num_workers)
+        stream = NumberStream(noise="global" if num_workers == 0 else "per_item")
+        loader = session.loader(stream, batch_size=4, num_workers=num_workers)
         for batch in session.batches(loader):
             seen.append(batch.clone())
             model(batch).pow(2).mean().backward()
