@@ -376,6 +376,14 @@ class StreamLoader(DataLoader):
         self.dataset.load_state_dict(state["dataset"])
 
 
+def release(loader: Optional[DataLoader]) -> None:
+    """Drop the live iterator a loader keeps itself (torchdata's StatefulDataLoader does, to report
+    its state), so its worker processes shut down now rather than at interpreter exit. A stream's
+    position was read into the checkpoint already; the next ``iter()`` starts from load_state_dict."""
+    if loader is not None and getattr(loader, "_iterator", None) is not None and not loader.persistent_workers:
+        loader._iterator = None  # private, but the only handle: StatefulDataLoader keeps it there
+
+
 def is_stream(loader: DataLoader) -> bool:
     """Whether ``loader`` reads an iterable dataset (no epochs positions; the loader is a Stateful)."""
     return isinstance(loader.dataset, IterableDataset)

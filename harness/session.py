@@ -72,6 +72,7 @@ class Session:
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
         self._save_requested = False  # save() called mid-step, carried out when the step ends
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
+        self._loader: Optional[DataLoader] = None  # the loader batches() reads
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self.peers: list[Peer] = []
@@ -219,6 +220,7 @@ class Session:
         if data_mod.is_stream(loader):
             yield from self._stream_batches(loader, accumulate)
             return
+        self._loader = loader
         self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
         self.start()
         per_epoch = data_mod.steps_per_epoch(loader) // accumulate * accumulate
@@ -231,44 +233,47 @@ class Session:
                 self.progress.batch_in_epoch = 0
             data_mod.position_loader(loader, self.cfg.trainer.seed, self.progress.epoch,
                                      self.progress.batch_in_epoch)
-            iterator = iter(loader)
-            if self.checkpoints.pending_rng is not None:
-                # After iter() and the skip, so the restored state is exactly the saved one.
-                restore_rng(self.checkpoints.pending_rng)
-                self.checkpoints.pending_rng = None
-            yield from self._steps(iterator, accumulate, per_epoch)
+            yield from self._drain(iter(loader), accumulate, per_epoch)
         self.finish()
 
-    def _steps(self, iterator: Iterator[Any], accumulate: int, per_epoch: Optional[int]) -> Iterator[Any]:
-        """Group batches into steps and end each step, until max_steps or the end of the epoch."""
-        group: list = []
-        for batch in iterator:
-            group.append(batch)
-            if len(group) < accumulate:
-                continue
-            self._in_step = True
-            try:
-                yield group if accumulate > 1 else group[0]
-            finally:  # also when the caller breaks out of the loop
-                self._in_step = False
-            group = []
-            self._end_step(accumulate)
-            if self.progress.step >= self.cfg.trainer.max_steps:
-                return
-            if per_epoch is not None and self.progress.batch_in_epoch >= per_epoch:
-                return
+    def _drain(self, iterator: Iterator[Any], accumulate: int, per_epoch: Optional[int]) -> Iterator[Any]:
+        """Group the loader's batches into steps and end each step, until max_steps or the end of
+        the epoch. The iterator is dropped however this ends: a stop or an error whose traceback the
+        caller keeps would otherwise keep its DataLoader workers alive, and workers ignore SIGTERM
+        (so they outlive a group-wide signal), so interpreter exit would wait for them forever."""
+        try:
+            if self.checkpoints.pending_rng is not None:
+                # After iter() and the position's skip, so the restored state is exactly the saved one.
+                restore_rng(self.checkpoints.pending_rng)
+                self.checkpoints.pending_rng = None
+            group: list = []
+            for batch in iterator:
+                group.append(batch)
+                if len(group) < accumulate:
+                    continue
+                self._in_step = True
+                try:
+                    yield group if accumulate > 1 else group[0]
+                finally:  # also when the caller breaks out of the loop
+                    self._in_step = False
+                group = []
+                self._end_step(accumulate)
+                if self.progress.step >= self.cfg.trainer.max_steps:
+                    return
+                if per_epoch is not None and self.progress.batch_in_epoch >= per_epoch:
+                    return
+        finally:
+            del iterator
+            data_mod.release(self._loader)
 
     def _stream_batches(self, loader: DataLoader, accumulate: int) -> Iterator[Any]:
         """``batches()`` over an iterable dataset: the loader is registered (its state is the
         stream's position) and restored on resume; an exhausted stream starts the next epoch."""
+        self._loader = loader
         self.registry.register(STREAM, loader)
         self.start()
         while self.progress.step < self.cfg.trainer.max_steps:
-            iterator = iter(loader)
-            if self.checkpoints.pending_rng is not None:
-                restore_rng(self.checkpoints.pending_rng)
-                self.checkpoints.pending_rng = None
-            yield from self._steps(iterator, accumulate, per_epoch=None)
+            yield from self._drain(iter(loader), accumulate, per_epoch=None)
             if self.progress.step < self.cfg.trainer.max_steps:  # the stream ended: a new epoch
                 self.progress.epoch += 1
                 self.progress.batch_in_epoch = 0
