@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,25 @@ def reference(tmp_path_factory) -> Path:
     return ckpt_dir
 
 
+def signal_job(tmp_path: Path, send: Callable, *overrides: str, after_step: int = 20,
+               timeout: float = 120) -> tuple[Path, str, int]:
+    """Start a job in ``tmp_path/ckpt``, let it pass ``after_step`` (0: do not wait for training),
+    call ``send(launcher, {rank: pid})``, wait for it to end: (checkpoint dir, its output, exit code)."""
+    ckpt_dir = tmp_path / "ckpt"
+    log = tmp_path / "job.log"
+    launcher = start_launch(ckpt_dir, *overrides, log_path=log)
+    try:
+        pids = worker_pids(launcher)
+        if after_step:
+            wait_for(lambda: max(metrics(ckpt_dir), default=0) >= after_step, 90, f"step {after_step}")
+        send(launcher, pids)
+        code = launcher.wait(timeout=timeout)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    return ckpt_dir, log.read_text(), code
+
+
 def kill_tree(launcher: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     for pid in children(launcher.pid):
         for child in children(pid):
@@ -158,6 +178,23 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def slurm_nodes() -> list[str]:
+    """The nodes of the running SLURM cluster, or [] when no controller answers."""
+    if shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode:
+        return []
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+
+
+def require_cluster(up: bool, message: str, required_by: str) -> None:
+    """Skip a test module when its cluster is not running, or fail it when ``required_by`` (an
+    environment variable CI sets) says the cluster must be there."""
+    if up:
+        return
+    if os.environ.get(required_by) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (STEPS, assert_same_training, children, kill_tree, metrics, run_launch, start_launch,
-                      steps_with_saves, wait_for, worker_pids)
+from conftest import (STEPS, assert_same_training, children, kill_tree, metrics, run_launch, signal_job,
+                      start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 
@@ -121,17 +121,7 @@ def test_a_full_disk_under_the_metrics_file_does_not_stop_training(tmp_path):
 
 
 def test_a_stop_that_does_not_fit_the_grace_window_is_reported_with_async_writes(tmp_path):
-    ckpt_dir = tmp_path / "ckpt"
-    launcher = start_launch(ckpt_dir, "checkpoint.async_save=true", "preempt.grace_s=0.001",
-                            log_path=tmp_path / "job.log")
-    try:
-        pids = worker_pids(launcher)
-        wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 20, 90, "step 20")
-        os.kill(pids[0], signal.SIGTERM)
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
-    output = (tmp_path / "job.log").read_text()
+    _, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[0], signal.SIGTERM),
+                                 "checkpoint.async_save=true", "preempt.grace_s=0.001")
     assert code == PREEMPTED_EXIT_CODE, output
     assert "WARNING: the signal -> durable checkpoint (uploads included) took" in output, output

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newest_payload, run_launch,
-                      steps_with_saves, wait_for)
+from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
+                      slurm_nodes, steps_with_saves, wait_for)
 from harness.env import free_port
 from harness.launch.slurm import job_info
 
@@ -35,20 +34,12 @@ NODES = ("n1", "n2")
 CLUSTER = ["bash", str(REPO / "slurm" / "local-cluster.sh")]
 
 
-def _two_nodes_up() -> bool:
-    if shutil.which("sinfo") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode:
-        return False
-    listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
-    return all(node in listed for node in NODES)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    if not _two_nodes_up():
-        message = "the two-node SLURM cluster is not running (bash slurm/local-cluster.sh start --nodes 2)"
-        if os.environ.get("HARNESS_REQUIRE_MULTINODE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    listed = slurm_nodes()
+    require_cluster(all(node in listed for node in NODES),
+                    "the two-node SLURM cluster is not running (bash slurm/local-cluster.sh start --nodes 2)",
+                    "HARNESS_REQUIRE_MULTINODE")
 
 
 @pytest.fixture(scope="module")

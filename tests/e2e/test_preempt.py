@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (assert_same_training, kill_tree, metrics, run_launch, start_launch, stop_lines,
+from conftest import (assert_same_training, kill_tree, metrics, run_launch, signal_job, start_launch, stop_lines,
                       steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE, validate
 from harness.stop.agreement import Preempted, auto_interval
@@ -27,21 +27,8 @@ def _wait_past(ckpt_dir: Path, step: int) -> None:
 
 
 def _interrupt(tmp_path: Path, send, *overrides: str, after_step: int = 20) -> tuple[Path, str]:
-    """Start a job, let it pass ``after_step`` (0: do not wait for training), call
-    ``send(launcher, {rank: pid})``, wait for exit 75."""
-    ckpt_dir = tmp_path / "ckpt"
-    log = tmp_path / "job.log"
-    launcher = start_launch(ckpt_dir, *overrides, log_path=log)
-    try:
-        pids = worker_pids(launcher)
-        if after_step:
-            _wait_past(ckpt_dir, after_step)
-        send(launcher, pids)
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
-    output = log.read_text()
+    """signal_job, expecting exit 75."""
+    ckpt_dir, output, code = signal_job(tmp_path, send, *overrides, after_step=after_step)
     assert code == PREEMPTED_EXIT_CODE, output
     return ckpt_dir, output
 

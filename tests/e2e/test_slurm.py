@@ -6,15 +6,14 @@ requeued by SLURM's own accounting and bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_tensors_equal, metrics, newest_payload, run_launch, wait_for
+from conftest import (REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
+                      slurm_nodes, wait_for)
 from harness.launch.slurm import is_time_out, job_info
 
 pytestmark = pytest.mark.slurm
@@ -23,21 +22,12 @@ pytestmark = pytest.mark.slurm
 SLURM_OVERRIDES = ("task.model.hidden=768", "trainer.max_steps=200", "checkpoint.every_steps=100")
 
 
-def _cluster_up() -> bool:
-    """The one-node cluster: with the two-node one (test_multinode.py) these requests do not fit."""
-    if shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode:
-        return False
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
-    return len(set(nodes)) == 1
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    if not _cluster_up():
-        message = "the one-node SLURM cluster is not running (bash slurm/local-cluster.sh start)"
-        if os.environ.get("HARNESS_REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    # The one-node cluster: with the two-node one (test_multinode.py) these requests do not fit.
+    require_cluster(len(set(slurm_nodes())) == 1,
+                    "the one-node SLURM cluster is not running (bash slurm/local-cluster.sh start)",
+                    "HARNESS_REQUIRE_SLURM")
 
 
 @pytest.fixture(scope="module")
