@@ -192,3 +192,27 @@ def test_values_that_would_inject_sbatch_lines_are_refused(data, key):
 def test_validate_builds_a_user_loop_config_from_a_dict_with_the_defaults():
     cfg = validate({"trainer": {"max_steps": 7}})
     assert cfg.task is None and cfg.trainer.max_steps == 7 and cfg.checkpoint.every_steps == 100
+
+
+def test_slurm_jobs_are_submitted_requeueable_and_a_new_submission_gets_a_fresh_timeout_budget(tmp_path):
+    from harness.launch.slurm import TimeoutBudget, make_executor
+
+    cfg = validate({"launcher": {"backend": "slurm", "timeout_min": 60, "additional": {"comment": "x"}}})
+    executor = make_executor(cfg, str(tmp_path))
+    script = executor._executor._make_submission_file_text("python train.py", "uid")  # what sbatch gets
+    assert "#SBATCH --requeue" in script.splitlines() and "#SBATCH --comment=x" in script.splitlines()
+    budget = TimeoutBudget(str(tmp_path), limit=1)
+    assert budget.spend() and not budget.spend()  # the requeues of one job spend it...
+    budget.reset()  # ...and submit() resets it for the next job
+    assert budget.used() == 0 and budget.spend()
+
+
+def test_help_lists_the_presets_but_not_the_internal_schema_entries(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "harness.launch", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "launcher: local" in done.stdout and "script=path/to/train.py" in done.stdout
+    assert "_schema" not in done.stdout
