@@ -48,10 +48,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     code = launch(cfg)
     sys.stdout.flush()
     sys.stderr.flush()
-    if cfg.launcher.backend == "direct":
-        # This process was a rank and is past its final barrier: skip torch's process-group teardown,
-        # which sometimes aborts a finished rank (exit 134), as harness.launch.worker does.
-        os._exit(code)
     if code:
         sys.exit(code)
 
