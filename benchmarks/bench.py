@@ -559,7 +559,7 @@ def measure_signal_to_commit(trainer: Trainer, folder: str, reps: int) -> dict:
                     session.log(loss=trainer.step(batch))
         except Preempted:
             times.append(time.perf_counter() - signalled)
-            steps.append(session.writer.last_save_s)
+            steps.append(session.checkpoints.writer.last_save_s)
         shutil.rmtree(run_folder)
     if not times:
         raise RuntimeError("the SIGTERM did not stop the Session; signal_to_commit_s not measured")
