@@ -216,3 +216,68 @@ def test_help_lists_the_presets_but_not_the_internal_schema_entries(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "launcher: local" in done.stdout and "script=path/to/train.py" in done.stdout
     assert "_schema" not in done.stdout
+
+
+class _FinishedJob:
+    """What follow() reads of a submitit job once SLURM reports a final state."""
+
+    def __init__(self, statuses: list[str]):
+        self.job_id = "42"
+        self._statuses = statuses
+
+    def results(self) -> list[dict]:
+        return [{"status": status, "rank": rank} for rank, status in enumerate(self._statuses)]
+
+
+@pytest.mark.parametrize("state, statuses, code", [
+    ("COMPLETED", ["finished", "finished"], 0),
+    ("COMPLETED", ["preempted", "preempted"], 75),  # stopped after a save, but not requeued
+    ("PREEMPTED", [], 75),  # preempted and not requeued (JobRequeue=0): a final state
+    ("FAILED", [], 1),
+])
+def test_follow_reports_a_job_that_stopped_early_instead_of_success(state, statuses, code):
+    from harness.launch.slurm import FINAL_STATES, _final_code
+
+    assert state in FINAL_STATES
+    assert _final_code(_FinishedJob(statuses), state) == code
+
+
+def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed(tmp_path, monkeypatch):
+    """Resume from an fsspec URL (memory://): the payload is copied once to a node-local file,
+    memory-mapped, and the copy is gone after the restore."""
+    from harness import Preempted, Session
+    from harness.env import DistEnv
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=0, source="single")
+    cfg = validate({"trainer": {"max_steps": 8, "num_threads": 1},
+                    "checkpoint": {"dir": f"memory://{tmp_path.name}/run", "every_steps": 100}})
+
+    def train(stop_at: int = 0) -> nn.Linear:
+        with Session(cfg, env=single) as session:
+            model = session.prepare(nn.Linear(2, 1))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+            session.register(optimizer=optimizer)
+            data = torch.utils.data.TensorDataset(torch.randn(64, 2))
+            for (batch,) in session.batches(session.loader(data, batch_size=4)):
+                model(batch).pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if session.step + 1 == stop_at:
+                    session.request_stop()
+        return model
+
+    reference = validate({"trainer": {"max_steps": 8, "num_threads": 1},
+                          "checkpoint": {"dir": str(tmp_path / "local"), "every_steps": 100}})
+    cfg, remote = reference, cfg
+    expected = train()
+    cfg = remote
+    with pytest.raises(Preempted):
+        train(stop_at=4)
+    resumed = train()
+    assert torch.equal(resumed.weight, expected.weight)
+    assert not list(tmp_path.glob("harness-resume-*")), "the node-local copy must be removed"
