@@ -136,13 +136,18 @@ def stop_lines(output: str) -> dict[int, int]:
     return {int(rank): int(step) for rank, step in re.findall(r"\[rank (\d+)\] stopped at step (\d+)", output)}
 
 
+def uninterrupted_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """The checkpoint folder of a reference run that must finish (exit 0) without interruption."""
+    ckpt_dir = tmp_path_factory.mktemp(name) / "ckpt"
+    result = run_launch(ckpt_dir, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return ckpt_dir
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of the shared configuration."""
-    ckpt_dir = tmp_path_factory.mktemp("reference") / "ckpt"
-    result = run_launch(ckpt_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return ckpt_dir
+    return uninterrupted_run(tmp_path_factory, "reference")
 
 
 def signal_job(tmp_path: Path, send: Callable, *overrides: str, after_step: int = 20,

@@ -23,11 +23,11 @@ import yaml
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
 from harness.progress import say as report_line
 from harness.env import CONFIG_ENV, free_port
+from harness.stop.flag import LAUNCHER_SIGNALS
 
-# Signals the launcher catches. The ranks get only their configured stop signals (preempt.signals):
-# one they do not handle would kill them mid-training without a save. SIGHUP (terminal closed) is
-# passed on as SIGTERM.
-CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# The launcher catches LAUNCHER_SIGNALS. The ranks get only their configured stop signals
+# (preempt.signals): one they do not handle would kill them mid-training without a save. SIGHUP
+# (terminal closed) is passed on as SIGTERM.
 POLL_S = 0.05
 KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
 
@@ -112,8 +112,8 @@ def run_attempt(config_text: str, nproc: int, master_addr: str, attempt: int,
     group = WorkerGroup([], stop_signals)
     # A signal that arrives while the ranks are being spawned stays pending until every rank exists,
     # so it is forwarded to all of them, not to the ones started so far.
-    signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
-    previous = {signum: signal.signal(signum, group.forward) for signum in CAUGHT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, LAUNCHER_SIGNALS)
+    previous = {signum: signal.signal(signum, group.forward) for signum in LAUNCHER_SIGNALS}
     try:
         try:
             for rank in range(nproc):
@@ -123,7 +123,7 @@ def run_attempt(config_text: str, nproc: int, master_addr: str, attempt: int,
                     start_new_session=True,  # only forwarded signals reach the ranks
                     preexec_fn=functools.partial(_prepare_rank, os.getpid())))
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, LAUNCHER_SIGNALS)
         return _wait(group), bool(group.signals_received)
     finally:
         for signum, handler in previous.items():

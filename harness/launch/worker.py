@@ -18,15 +18,13 @@ from typing import Callable, NoReturn, Optional, Sequence
 
 import yaml
 
-from harness.stop.flag import StopFlag
+from harness.stop.flag import LAUNCHER_SIGNALS, StopFlag
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-# Signals a launcher may have blocked before starting this rank (harness.launch.local).
-LAUNCHER_BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
 def install_stop_flag(config_data: dict) -> StopFlag:
@@ -34,7 +32,7 @@ def install_stop_flag(config_data: dict) -> StopFlag:
     signals a launcher blocked get their default behaviour back."""
     flag = StopFlag()
     flag.install([str(name) for name in (config_data.get("preempt") or {}).get("signals", [])])
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, LAUNCHER_BLOCKED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LAUNCHER_SIGNALS)  # blocked by harness.launch.local
     return flag
 
 

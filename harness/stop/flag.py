@@ -19,6 +19,9 @@ REASON_REQUEST = 1  # request_stop() from code
 REASON_SPOT = 2  # cloud termination notice
 # Signals are recorded as 100 + signal number so the agreed reason says which one arrived.
 REASON_SIGNAL_BASE = 100
+# Signals the local launcher catches (and blocks while it spawns ranks, a mask the ranks inherit):
+# the stop signals, plus SIGHUP, which it passes on as SIGTERM.
+LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 # Signals that DataLoader workers ignore so that they outlive the main process's save.
 WORKER_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 

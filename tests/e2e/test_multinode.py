@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
-                      slurm_nodes, steps_with_saves, wait_for)
+                      slurm_nodes, steps_with_saves, uninterrupted_run, wait_for)
 from harness.env import free_port
 from harness.launch.slurm import job_info
 
@@ -45,10 +45,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """Uninterrupted, on this machine, 2 local ranks: the same world size as 2 nodes x 1 rank."""
-    ckpt_dir = tmp_path_factory.mktemp("multinode-reference") / "ckpt"
-    result = run_launch(ckpt_dir, *OVERRIDES)
-    assert result.returncode == 0, result.stderr
-    return ckpt_dir
+    return uninterrupted_run(tmp_path_factory, "multinode-reference", *OVERRIDES)
 
 
 def _submit(ckpt_dir: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
-                      slurm_nodes, wait_for)
+                      slurm_nodes, uninterrupted_run, wait_for)
 from harness.launch.slurm import is_time_out, job_info
 
 pytestmark = pytest.mark.slurm
@@ -32,10 +32,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def slurm_reference(tmp_path_factory) -> Path:
-    ckpt_dir = tmp_path_factory.mktemp("slurm-reference") / "ckpt"
-    result = run_launch(ckpt_dir, *SLURM_OVERRIDES)
-    assert result.returncode == 0, result.stderr
-    return ckpt_dir
+    return uninterrupted_run(tmp_path_factory, "slurm-reference", *SLURM_OVERRIDES)
 
 
 def _submit(ckpt_dir: Path, *overrides: str) -> str:
