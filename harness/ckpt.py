@@ -26,8 +26,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from harness.checkpoint.payload import PAYLOAD_FORMAT, extract_model_state
-from harness.checkpoint.format import UnsafeCheckpoint, torch_load
-from harness.checkpoint.layout import MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, STEP_DIR
+from harness.checkpoint.format import UnsafeCheckpoint, read_payload
+from harness.checkpoint.layout import MANIFEST_NAME, CheckpointRef, STEP_DIR
 from harness.checkpoint.store import CheckpointStore
 from harness.checkpoint.storage.local import LocalStorage
 
@@ -35,7 +35,6 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)
 EXIT_USAGE = 2
 
-SAFETENSORS_SUFFIX = ".safetensors"
 SHA256_SUFFIX = ".sha256"  # OUT.sha256 holds "<hex>  <name>", the format `sha256sum -c` reads
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORT_FORMATS = ("torch", "safetensors")
@@ -73,37 +72,28 @@ def locate(path: str) -> Located:
         ref = next((r for r in store.list_complete() if r.name == name), None)
         if ref is None:
             raise ToolError(f"{path}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
-        return Located(file=os.path.join(path, PAYLOAD_NAME), store=store, ref=ref)
+        return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
     store = CheckpointStore(LocalStorage(path))
     ref = store.latest_listed()
     if ref is None:
         raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
-    return Located(file=os.path.join(store.root, ref.name, PAYLOAD_NAME), store=store, ref=ref)
+    return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
 
 
 def load_any(path: str, unsafe: bool) -> Any:
-    """The object stored in ``path`` (a ``.safetensors`` file gives its tensor dict).
+    """The object stored in ``path``: a harness payload of either format, a torch file, or a
+    safetensors file's tensor dict.
 
     Raises ToolError, in one line, for a file that is unreadable, truncated, not a torch file, or that
     needs full unpickling without ``unsafe``.
     """
-    if path.endswith(SAFETENSORS_SUFFIX):
-        return _load_safetensors(path)
     try:
-        return torch_load(path, map_location="cpu", unsafe=unsafe)
+        return read_payload(path, unsafe=unsafe)
     except UnsafeCheckpoint as error:
         raise ToolError(str(error)) from None
     except Exception as error:  # unpicklers raise arbitrary types on garbage; reported, not swallowed
-        raise ToolError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
+        raise ToolError(f"{path}: not a readable checkpoint (truncated or another format?): "
                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-
-
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    safetensors_torch = _import_safetensors(f"reading {path}")
-    try:
-        return safetensors_torch.load_file(path, device="cpu")
-    except Exception as error:  # the Rust reader raises its own error types on bad headers
-        raise ToolError(f"{path}: not a readable safetensors file (truncated?): {error}") from None
 
 
 def _import_safetensors(purpose: str) -> Any:
@@ -192,7 +182,7 @@ def verify(path: str) -> list[str]:
             raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
     problems = []
     for ref in refs:
-        found = store.problems(ref, checksum=True)
+        found = store.problems(ref, verify=True)
         problems += [f"{store.root}/{problem}" for problem in found]
         print(f"{ref.name}: {'OK' if not found else 'CORRUPT'}")
     return problems
@@ -378,7 +368,8 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
             handle.write(data)
 
     try:
-        _, sha256 = storage.write(name, fill)
+        _, named = storage.write(name, fill, algorithm="sha256")  # what `sha256sum -c` checks
+        sha256 = named.split(":", 1)[1]
         line = f"{sha256}  {name}\n".encode()
         storage.write(name + SHA256_SUFFIX, lambda handle: handle.write(line))
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError

@@ -16,6 +16,9 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from harness.checkpoint import layout
+from harness.checkpoint.format import encode, read_payload
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -101,9 +104,31 @@ def steps_with_saves(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "manifest.json").exists())
 
 
+def payload_file(step_dir: Path) -> Path:
+    """The payload file a checkpoint's manifest lists (state.safetensors, or state.pt when older)."""
+    return step_dir / layout.payload_file(json.loads((step_dir / "manifest.json").read_text()))
+
+
+def read_step(ckpt_dir: Path, step: int) -> dict:
+    return read_payload(str(payload_file(ckpt_dir / f"step_{step:09d}")))
+
+
 def newest_payload(ckpt_dir: Path) -> dict:
-    step = steps_with_saves(ckpt_dir)[-1]
-    return torch.load(ckpt_dir / f"step_{step:09d}" / "state.pt", weights_only=True)
+    return read_step(ckpt_dir, steps_with_saves(ckpt_dir)[-1])
+
+
+def rewrite_payload(step_dir: Path, payload: dict) -> None:
+    """Replace a checkpoint's payload (a new file renamed over the old: the old one may be mapped)
+    and record its new size in the manifest, as a tampering user would."""
+    target = payload_file(step_dir)
+    file = encode(payload)
+    temp = target.with_name(target.name + ".new")
+    with open(temp, "wb") as handle:
+        file.write_to(handle)
+    os.replace(temp, step_dir / file.name)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"] = {file.name: {"bytes": (step_dir / file.name).stat().st_size, "checksum": "unchecked"}}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def assert_tensors_equal(a, b, path: str = "") -> None:

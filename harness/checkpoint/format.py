@@ -1,18 +1,28 @@
-"""The serialization of a checkpoint payload: the only place that calls torch.save / torch.load.
+"""The serialization of a checkpoint payload: which file format, and reading either back.
 
-A payload is plain data (dicts, lists, tuples, numbers, strings, tensors), written with
-``torch.save`` as one file per checkpoint and read with ``weights_only=True`` unless the user opted
-out (``checkpoint.unsafe_load=true`` / ``--unsafe``): a file that needs arbitrary unpickling is
-refused and its code never runs.
+A payload is plain data (dicts, lists, tuples, numbers, strings, tensors), written as one file per
+checkpoint in the flat format (:mod:`harness.checkpoint.flat`, ``state.safetensors``). A payload
+holding other objects (a user's class in a state_dict) is written with ``torch.save`` instead
+(``state.pt``, also the format of checkpoints before the flat one), read with ``weights_only=True``
+unless the user opted out (``checkpoint.unsafe_load=true`` / ``--unsafe``): a file that needs
+arbitrary unpickling is refused and its code never runs. This is the only place that calls
+torch.save / torch.load.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import pickle
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, Any, Callable
 
 import torch
+
+from harness.checkpoint import flat
+from harness.checkpoint.layout import LEGACY_PAYLOAD_NAME, PAYLOAD_NAME
+
+log = logging.getLogger("harness")
 
 UNSAFE_HINT = (
     "HINT: the file needs full unpickling, which can run arbitrary code from the file. Load it only "
@@ -20,8 +30,45 @@ UNSAFE_HINT = (
 
 
 def write_payload(payload: dict, handle: IO[bytes]) -> None:
-    """Serialize ``payload`` into an open binary file object (the storage makes it durable)."""
+    """Serialize ``payload`` with torch.save into an open binary file object."""
     torch.save(payload, handle)
+
+
+@dataclass
+class PayloadFile:
+    """A payload ready to be written: its file name in the checkpoint folder, and how to fill it."""
+
+    name: str
+    write_to: Callable[[IO[bytes]], None]
+
+
+_warned_not_flat: set[str] = set()
+
+
+def encode(payload: dict) -> PayloadFile:
+    """The flat file when the payload is plain data, else torch.save's (warned about once)."""
+    try:
+        return PayloadFile(PAYLOAD_NAME, flat.plan(payload).write_to)
+    except flat.NotFlat as reason:
+        return legacy(payload, reason)
+
+
+def legacy(payload: dict, reason: flat.NotFlat) -> PayloadFile:
+    if str(reason) not in _warned_not_flat:
+        _warned_not_flat.add(str(reason))
+        log.warning("checkpoint state %s, which the flat format does not store: writing %s with "
+                    "torch.save instead (slower; loading it needs checkpoint.unsafe_load=true unless "
+                    "torch's weights_only loader accepts it)", reason, LEGACY_PAYLOAD_NAME)
+    return PayloadFile(LEGACY_PAYLOAD_NAME, lambda handle: write_payload(payload, handle))
+
+
+def read_payload(path: str, unsafe: bool = False) -> Any:
+    """A checkpoint payload file of either format, on the CPU (flat files memory-mapped)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if flat.is_flat(head):
+        return flat.read(path)
+    return torch_load(path, map_location="cpu", unsafe=unsafe, mmap=True)
 
 
 def torch_load(source: str | io.BytesIO, map_location: Any = "cpu", unsafe: bool = False,

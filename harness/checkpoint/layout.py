@@ -1,7 +1,10 @@
 """Names inside a run's checkpoint folder: the one place that spells them.
 
-    <dir>/step_000000100/state.pt        the payload (harness.checkpoint.format writes it)
-    <dir>/step_000000100/manifest.json   written LAST; without it the checkpoint does not exist
+    <dir>/step_000000100/state.safetensors  the payload (harness.checkpoint.flat; safetensors-readable)
+    <dir>/step_000000100/state.pt           the payload in torch.save's format instead (checkpoints
+                                            written before the flat format, or holding objects that
+                                            the flat format cannot store)
+    <dir>/step_000000100/manifest.json      written LAST; without it the checkpoint does not exist
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 MANIFEST_NAME = "manifest.json"
-PAYLOAD_NAME = "state.pt"
+PAYLOAD_NAME = "state.safetensors"
+LEGACY_PAYLOAD_NAME = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
-HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+HASH_CHUNK = 8 << 20  # bytes read or copied at a time
 
 
 def step_dir_name(step: int) -> str:
@@ -32,9 +36,10 @@ def is_plain_file_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
-def payload_path(name: str) -> str:
-    """The payload's path relative to the run folder, for checkpoint folder ``name``."""
-    return f"{name}/{PAYLOAD_NAME}"
+def payload_file(manifest: dict) -> str:
+    """The payload file a manifest lists: the flat one, or torch.save's (older checkpoints)."""
+    files = manifest.get("files", {})
+    return PAYLOAD_NAME if PAYLOAD_NAME in files or LEGACY_PAYLOAD_NAME not in files else LEGACY_PAYLOAD_NAME
 
 
 def manifest_path(name: str) -> str:
@@ -48,6 +53,11 @@ class CheckpointRef:
     step: int
     name: str
     manifest: dict
+
+    @property
+    def payload_path(self) -> str:
+        """The payload's path relative to the run folder."""
+        return f"{self.name}/{payload_file(self.manifest)}"
 
     @property
     def metric(self) -> Optional[float]:

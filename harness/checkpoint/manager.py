@@ -19,10 +19,10 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from harness.checkpoint.format import torch_load
+from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, CheckpointRef, payload_path
+from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, CheckpointRef
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, seed_everything, versions)
@@ -116,7 +116,7 @@ class CheckpointManager:
         """Rank 0 verifies and picks; every rank loads the same one."""
         def newest_valid() -> Optional[CheckpointRef]:
             self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
-            return self.store.latest_valid(checksum=self.ckpt.verify)
+            return self.store.latest_valid(verify=self.ckpt.verify)
 
         return on_rank0(newest_valid, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
 
@@ -149,11 +149,11 @@ class CheckpointManager:
         """For a remote folder (s3://...): local rank 0 of every node streams the payload to a
         node-local temporary file, and the node's ranks memory-map it, so a node holds one copy of
         the checkpoint instead of one per rank. None for folders with a local path. A collective."""
-        rel = payload_path(ref.name)
+        rel = ref.payload_path
         if self.store.storage.local_path(rel) is not None:
             return None
         key = hashlib.sha256(f"{self.store.root}/{rel}:{ref.manifest.get('created_unix')}".encode()).hexdigest()[:16]
-        target = os.path.join(tempfile.gettempdir(), f"harness-resume-{key}-{self.env.master_port}.pt")
+        target = os.path.join(tempfile.gettempdir(), f"harness-resume-{key}-{self.env.master_port}-{os.path.basename(rel)}")
         error = None
         if self.env.local_rank == 0:
             try:
@@ -168,9 +168,9 @@ class CheckpointManager:
         """The payload, memory-mapped, on the CPU: modules and optimizers copy what they load onto
         their own device (the optimizer keeps its ``step`` counters on the CPU, where torch wants
         them); mapping to the GPU first would only add a copy and put those counters on the GPU."""
-        rel = payload_path(ref.name)
+        rel = ref.payload_path
         path = node_copy or self.store.storage.local_path(rel)
-        payload = torch_load(path, map_location="cpu", unsafe=self.ckpt.unsafe_load, mmap=True)
+        payload = read_payload(path, unsafe=self.ckpt.unsafe_load)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
     def _restore(self, ref: CheckpointRef, data_unit: Optional[int], node_copy: Optional[str]) -> None:
@@ -251,8 +251,7 @@ class CheckpointManager:
         model = self.registry.get(MODEL)
         if model is None:
             raise RuntimeError("checkpoint.init_from needs a model: call session.prepare(model) first")
-        file_state = extract_model_state(
-            torch_load(path, map_location=self.env.device, unsafe=self.ckpt.unsafe_load), path)
+        file_state = extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
         file_state = rename_prefixes(file_state, self.ckpt.init_rename)
         loadable, report = match_state(model.state_dict(), file_state)
         if self.ckpt.init_strict and not report.clean:

@@ -10,15 +10,14 @@ throttling, a newer format) keeps the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Optional
 
-from harness.checkpoint.layout import (HASH_CHUNK, PAYLOAD_NAME, CheckpointRef, manifest_path, payload_path,
-                                       step_dir_name, step_of)
+from harness.checkpoint import checksum
+from harness.checkpoint.layout import PAYLOAD_NAME, CheckpointRef, manifest_path, step_dir_name, step_of
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.storage import Storage
 
@@ -76,8 +75,10 @@ class CheckpointStore:
     def root(self) -> str:
         return self.storage.root
 
-    def commit(self, step: int, fill: Callable[[IO[bytes]], None], info: dict) -> CheckpointRef:
-        """Write the payload, then the manifest that makes it exist. ``info`` goes into the manifest.
+    def commit(self, step: int, fill: Callable[[IO[bytes]], None], info: dict,
+               payload_name: str = PAYLOAD_NAME) -> CheckpointRef:
+        """Write the payload file ``payload_name``, then the manifest that makes it exist. ``info``
+        goes into the manifest.
 
         On failure (full disk, read-only folder, ...) raises CheckpointError naming the folder; no
         existing checkpoint is touched, and the partial one has no manifest so it does not exist.
@@ -85,12 +86,12 @@ class CheckpointStore:
         name = step_dir_name(step)
         started = time.perf_counter()
         try:
-            size, digest = self.storage.write(payload_path(name), fill)
+            size, digest = self.storage.write(f"{name}/{payload_name}", fill)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "format_version": MANIFEST_VERSION,
                 "step": step,
-                "files": {PAYLOAD_NAME: {"bytes": size, "sha256": digest}},
+                "files": {payload_name: checksum.file_entry(size, digest)},
                 "created_unix": time.time(),
                 "write_s": round(time.perf_counter() - started, 4),
                 **info,
@@ -149,7 +150,7 @@ class CheckpointStore:
         refs = self.list_complete()
         return refs[-1] if refs else None
 
-    def problems(self, ref: CheckpointRef, checksum: bool = True) -> list[str]:
+    def problems(self, ref: CheckpointRef, verify: bool = True) -> list[str]:
         """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid)."""
         found = []
         for rel, expected in ref.manifest.get("files", {}).items():
@@ -161,21 +162,21 @@ class CheckpointStore:
                 continue
             if size != expected["bytes"]:
                 found.append(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
-            elif checksum and self.sha256(path) != expected["sha256"]:
-                found.append(f"{path}: sha256 differs from the manifest (corrupted)")
+            elif verify and self.checksum(path, checksum.expected(expected)) != checksum.expected(expected):
+                found.append(f"{path}: {checksum.algorithm_of(checksum.expected(expected))} differs "
+                             "from the manifest (corrupted)")
         return found
 
-    def sha256(self, rel: str) -> str:
-        digest = hashlib.sha256()
+    def checksum(self, rel: str, like: str = checksum.DEFAULT) -> str:
+        """The named checksum of a file, with the algorithm of ``like`` (a named checksum or an
+        algorithm's name)."""
         with self.storage.open_read(rel) as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return checksum.of_stream(handle, checksum.algorithm_of(like))
 
-    def latest_valid(self, checksum: bool = True) -> Optional[CheckpointRef]:
+    def latest_valid(self, verify: bool = True) -> Optional[CheckpointRef]:
         """The newest checkpoint that passes verification; corrupt newer ones are skipped with a warning."""
         for ref in reversed(self.list_complete()):
-            found = self.problems(ref, checksum=checksum)
+            found = self.problems(ref, verify=verify)
             if not found:
                 return ref
             log.warning("skipping corrupt checkpoint %s/%s: %s", self.root, ref.name, "; ".join(found))

@@ -1,13 +1,15 @@
 """Rank 0's checkpoint writer: synchronous, or snapshot-then-write in a background thread.
 
-Asynchronous mode blocks the loop only while tensors are copied into host buffers that are reused
-across saves (pinned on GPU machines), then serializes and commits them in a thread with the same
-atomic protocol. At most one save is in flight: the next snapshot waits for the previous write. A
-failed background write is raised by the next ``submit()``/``flush()``, never lost.
+Asynchronous mode blocks the loop only while tensors are copied into one host buffer laid out as
+the flat file's data section (reused across saves, page-aligned, pinned on GPU machines; GPU
+tensors are copied on a side CUDA stream), then a thread of lower priority writes that buffer in
+place with the same atomic protocol. At most one save is in flight: the next snapshot waits for the
+previous write. A failed background write is raised by the next ``submit()``/``flush()``, never lost.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -15,9 +17,10 @@ from typing import Any, Optional
 
 import torch
 
-from harness.checkpoint.format import write_payload
+from harness.checkpoint import flat
+from harness.checkpoint.format import PayloadFile, encode, legacy
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import CheckpointRef
+from harness.checkpoint.layout import PAYLOAD_NAME, CheckpointRef
 from harness.checkpoint.store import CheckpointStore, Retention
 
 
@@ -52,6 +55,84 @@ class HostSnapshot:
         return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
 
+class FlatSnapshot:
+    """Copies a payload's tensors into one host buffer laid out as the flat file's data section, so
+    the background write sends that buffer to the disk in place (no pickler, no second copy).
+
+    The buffer is reused across saves and grows only when a payload needs more; it is page-aligned
+    (an anonymous memory map on CPU-only hosts, touched once at allocation because fresh memory is
+    slow on VMs) or pinned when the payload holds CUDA tensors. Copies from the GPU run on a side
+    stream; ``wait()`` (called by the writing thread) blocks until they landed, and the training
+    stream waits for them before its next kernel, so the next optimizer step cannot change a tensor
+    while it is being copied.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Optional[torch.Tensor] = None
+        self._keepalive: Any = None  # the memory map under a CPU buffer
+        self._done: Optional[Any] = None  # CUDA event recorded after the copies
+        self._stream: Optional[Any] = None  # the side CUDA stream, made on the first GPU snapshot
+
+    def take(self, payload: dict) -> PayloadFile:
+        """Copy ``payload``'s tensors (raises flat.NotFlat for what the flat format cannot store)."""
+        layout = flat.plan(payload)
+        on_gpu = any(tensor.is_cuda for tensor in layout.sources)
+        data = self._reserve(layout.data_nbytes, pinned=on_gpu)
+        if on_gpu and self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream if on_gpu else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else _no_context():
+            for tensor, (begin, end) in zip(layout.sources, layout.spans):
+                target = data[begin:end].view(tensor.dtype).view(tensor.shape)
+                target.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        if stream is not None:
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+            torch.cuda.current_stream().wait_event(self._done)
+        image = data[:layout.data_nbytes].numpy()
+
+        def write_to(handle) -> None:
+            self.wait()
+            handle.write(layout.header)
+            handle.write(memoryview(image))
+
+        return PayloadFile(PAYLOAD_NAME, write_to)
+
+    def wait(self) -> None:
+        """Block until the copies of the last ``take()`` have landed in host memory."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+
+    def _reserve(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        buffer = self._buffer
+        if buffer is not None and buffer.numel() >= nbytes and buffer.is_pinned() == pinned:
+            return buffer
+        self._buffer = self._keepalive = None  # release the old one before allocating
+        size = max(-(-nbytes // flat.ALIGN) * flat.ALIGN, flat.ALIGN)
+        if pinned:
+            self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        else:
+            self._keepalive = mmap.mmap(-1, size)
+            self._buffer = torch.frombuffer(self._keepalive, dtype=torch.uint8)
+            self._buffer.fill_(0)  # touch every page now, not during the copy a save waits for
+        return self._buffer
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+
+class _no_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 # Niceness of the background write thread: on hosts where the loop already uses every core (2-core
 # CPU training), an equal-priority writer slows the overlapping steps; a nicer one yields to them.
 WRITER_NICENESS = 10
@@ -75,7 +156,8 @@ class CheckpointWriter:
         self.asynchronous = asynchronous
         self.last_save_s: Optional[float] = None  # wall time of the last full commit
         self.last_ref: Optional[CheckpointRef] = None
-        self._snapshot = HostSnapshot()
+        self._snapshot = FlatSnapshot()
+        self._fallback_snapshot = HostSnapshot()  # for payloads the flat format cannot store
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
@@ -83,24 +165,31 @@ class CheckpointWriter:
         started = time.perf_counter()
         self.flush()  # at most one save in flight; surfaces a previous failure
         if not self.asynchronous:
-            self._commit(step, payload, info, started)
+            self._commit(step, encode(payload), info, started)
             return
-        snapshot = self._snapshot.copy(payload)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # non_blocking copies must land before the thread reads them
-        self._thread = threading.Thread(target=self._background, args=(step, snapshot, info, started),
+        file = self._take_snapshot(payload)
+        self._thread = threading.Thread(target=self._background, args=(step, file, info, started),
                                         name=f"harness-save-{step}", daemon=False)
         self._thread.start()
 
-    def _commit(self, step: int, payload: dict, info: dict, started: float) -> None:
-        self.last_ref = self.store.commit(step, lambda handle: write_payload(payload, handle), info)
+    def _take_snapshot(self, payload: dict) -> PayloadFile:
+        try:
+            return self._snapshot.take(payload)
+        except flat.NotFlat as reason:
+            copied = self._fallback_snapshot.copy(payload)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # non_blocking copies must land before the thread reads them
+            return legacy(copied, reason)
+
+    def _commit(self, step: int, file: PayloadFile, info: dict, started: float) -> None:
+        self.last_ref = self.store.commit(step, file.write_to, info, payload_name=file.name)
         self.last_save_s = time.perf_counter() - started
         self.store.prune(self.retention, current=step)
 
-    def _background(self, step: int, payload: dict, info: dict, started: float) -> None:
+    def _background(self, step: int, file: PayloadFile, info: dict, started: float) -> None:
         _lower_thread_priority()
         try:
-            self._commit(step, payload, info, started)
+            self._commit(step, file, info, started)
         except BaseException as error:  # surfaced to the loop by flush(); never swallowed
             self._error = error
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,11 +15,12 @@ import torch
 from torch import nn
 
 from conftest import (STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics, newest_payload,
-                      run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
+                      payload_file, read_step, rewrite_payload, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.keys import match_state, rename_prefixes, unwrap_model
 from harness.checkpoint.format import UnsafeCheckpoint, torch_load
 from harness.checkpoint.payload import extract_model_state
+from harness.checkpoint import checksum
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import CheckpointRef
 from harness.checkpoint.store import CheckpointStore, Retention
@@ -52,14 +52,9 @@ def test_resume_without_rng_restore_would_differ(tmp_path, reference):
     can fail."""
     ckpt_dir = tmp_path / "ckpt"
     _first_leg(ckpt_dir, 45)
-    payload_path = ckpt_dir / "step_000000045" / "state.pt"
-    payload = torch.load(payload_path, weights_only=True)
+    payload = read_step(ckpt_dir, 45)
     payload["rng"] = [payload["rng"][1], payload["rng"][0]]  # ranks swap their RNG streams
-    torch.save(payload, payload_path)
-    manifest_path = ckpt_dir / "step_000000045" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["state.pt"]["bytes"] = payload_path.stat().st_size
-    manifest_path.write_text(json.dumps(manifest))
+    rewrite_payload(ckpt_dir / "step_000000045", payload)
     result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", "checkpoint.verify=false")
     assert result.returncode == 0, result.stderr
     with pytest.raises(AssertionError):
@@ -96,7 +91,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     shutil.copytree(reference, ckpt_dir)
     (ckpt_dir / "metrics.jsonl").unlink()
     newest = ckpt_dir / "step_000000160"
-    payload = newest / "state.pt"
+    payload = payload_file(newest)
     if damage == "truncate":
         os.truncate(payload, payload.stat().st_size // 2)
     elif damage == "flip-byte":
@@ -117,12 +112,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
 
 def test_store_commit_marks_complete_only_with_manifest(tmp_path):
     store = CheckpointStore(LocalStorage(str(tmp_path)))
-    store.commit(10, lambda f: torch.save({"x": torch.ones(3)}, f), {})
+    store.commit(10, lambda f: torch.save({"x": torch.ones(3)}, f), {}, payload_name="state.pt")
     (tmp_path / "step_000000020").mkdir()
     (tmp_path / "step_000000020" / "state.pt").write_bytes(b"partial")
     assert [ref.step for ref in store.list_complete()] == [10]
     assert store.latest_valid().step == 10
-    store.commit(30, lambda f: torch.save({"x": torch.ones(3)}, f), {})
+    store.commit(30, lambda f: torch.save({"x": torch.ones(3)}, f), {}, payload_name="state.pt")
     store.prune(Retention(keep_last=5))
     assert not (tmp_path / "step_000000020").exists(), "a crashed partial save was not cleaned up"
     assert not list(tmp_path.rglob("*.tmp-*"))
@@ -182,12 +177,12 @@ def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, fail
     _mount_small_disk(mount, kind)
     try:
         store = CheckpointStore(LocalStorage(str(mount)))
-        store.commit(1, lambda f: torch.save({"w": torch.zeros(1000)}, f), {})
+        store.commit(1, lambda f: torch.save({"w": torch.zeros(1000)}, f), {}, payload_name="state.pt")
         if failure == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         big = {"w": torch.zeros(1_000_000)}  # 4 MB: does not fit on the small disk
         with pytest.raises(CheckpointError, match=r"step 2 .*previous checkpoint \(step 1\) is intact"):
-            store.commit(2, lambda f: torch.save(big, f), {})
+            store.commit(2, lambda f: torch.save(big, f), {}, payload_name="state.pt")
         assert [ref.step for ref in store.list_complete()] == [1]
         assert store.problems(store.latest_listed()) == []
         assert not list(mount.rglob("*.tmp-*")), "a partial temp file was left behind"
@@ -202,7 +197,7 @@ def test_odirect_and_buffered_writes_produce_the_same_file(tmp_path):
         storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
         size, digest = storage.write("state.pt", lambda f: torch.save(payload, f))
         written = (tmp_path / str(direct) / "state.pt").read_bytes()
-        assert size == len(written) and digest == hashlib.sha256(written).hexdigest()
+        assert size == len(written) and digest == checksum.of_bytes(written)
         assert_tensors_equal(torch.load(tmp_path / str(direct) / "state.pt", weights_only=True), payload)
         digests.append(digest)
     assert digests[0] == digests[1]
@@ -332,6 +327,6 @@ def test_ckpt_tools_give_clear_errors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("hello")
     assert ckpt_main(["inspect", str(tmp_path / "notes.txt")]) == 1
-    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    assert "not a readable checkpoint" in capsys.readouterr().err
     assert ckpt_main(["inspect", str(tmp_path)]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (REPO, STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics,
-                      newest_payload, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
+                      newest_payload, read_step, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 EVAL_DATA = "task.eval_data={_target_:harness.example.SyntheticClassification,num_samples:96,seed:5}"
@@ -91,7 +91,7 @@ def script_reference(tmp_path_factory) -> Path:
 
 
 def _adam_steps(ckpt_dir: Path, step: int) -> set[int]:
-    payload = torch.load(ckpt_dir / f"step_{step:09d}" / "state.pt", weights_only=True)
+    payload = read_step(ckpt_dir, step)
     return {int(state["step"]) for state in payload["state"]["optimizer"]["state"].values()}
 
 

@@ -116,7 +116,7 @@ def _payload(step: int) -> dict:
 
 
 def _commit(store: CheckpointStore, step: int) -> None:
-    store.commit(step, lambda handle: torch.save(_payload(step), handle), {"metric": None})
+    store.commit(step, lambda handle: torch.save(_payload(step), handle), {"metric": None}, payload_name="state.pt")
 
 
 def _store(url: str) -> CheckpointStore:

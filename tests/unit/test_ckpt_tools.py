@@ -15,6 +15,7 @@ from torch import nn
 
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.payload import Progress, build_payload, capture_rng
+from harness.checkpoint.format import encode
 from harness.checkpoint.store import CheckpointStore
 from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.layout import step_dir_name
@@ -39,7 +40,8 @@ def _harness_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torc
     """A real harness checkpoint (payload, then manifest) written through CheckpointStore."""
     states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     payload = build_payload(states, Progress(step=step), [capture_rng()], {"name": "test"})
-    CheckpointStore(LocalStorage(str(root))).commit(step, lambda handle: torch.save(payload, handle), {})
+    file = encode(payload)
+    CheckpointStore(LocalStorage(str(root))).commit(step, file.write_to, {}, payload_name=file.name)
     return root / step_dir_name(step)
 
 
@@ -287,12 +289,12 @@ def _bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
         return path, "no such file"
     if kind == "text":
         path.write_text("epoch,loss\n1,0.5\n")
-        return path, "not a readable torch checkpoint"
+        return path, "not a readable checkpoint"
     if kind == "truncated":
         torch.save(_model().state_dict(), path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        return path, "not a readable torch checkpoint"
+        return path, "not a readable checkpoint"
     if kind == "no-weights":
         torch.save({"losses": [0.5, 0.4], "note": "metrics only"}, path)
         return path, "holds no model weights"

@@ -25,7 +25,8 @@ from harness.config import ConfigError, validate
 
 
 def _commit(store: CheckpointStore, step: int, metric=None) -> None:
-    store.commit(step, lambda handle: write_payload({"step": torch.tensor(step)}, handle), {"metric": metric})
+    store.commit(step, lambda handle: write_payload({"step": torch.tensor(step)}, handle), {"metric": metric},
+                 payload_name="state.pt")
 
 
 class FaultyStorage:

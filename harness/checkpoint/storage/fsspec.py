@@ -29,6 +29,7 @@ import fsspec.core
 from fsspec.spec import AbstractBufferedFile
 
 from harness.checkpoint.layout import MANIFEST_NAME
+from harness.checkpoint import checksum
 from harness.checkpoint.storage.local import HashingWriter
 
 log = logging.getLogger("harness")
@@ -84,8 +85,9 @@ class FsspecStorage:
     def local_path(self, rel: str) -> Optional[str]:
         return None  # always read through read_bytes/open_read
 
-    def write(self, rel: str, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]:
-        """Stream ``fill``'s bytes to ``rel``; returns (bytes, sha256 hex) once the object is published.
+    def write(self, rel: str, fill: Callable[[IO[bytes]], None],
+              algorithm: str = checksum.DEFAULT) -> tuple[int, str]:
+        """Stream ``fill``'s bytes to ``rel``; returns (bytes, named checksum) once the object is published.
 
         The file is opened with ``autocommit=False``, fsspec's contract for "visible only on
         ``commit()``": s3fs uploads a multipart upload in ``block_size`` parts as ``fill`` writes (so
@@ -100,7 +102,7 @@ class FsspecStorage:
         path = self._path(rel)
         handle = self.fs.open(path, "wb", autocommit=False, **self._open_options())
         try:
-            writer = HashingWriter(handle)
+            writer = HashingWriter(handle, algorithm)
             fill(writer)
             handle.close()  # uploads the last part; nothing is visible yet
             handle.commit()  # publishes the object
@@ -110,7 +112,7 @@ class FsspecStorage:
         finally:
             self._forget(handle)
         self.fs.invalidate_cache(posixpath.dirname(path))
-        return writer.size, writer.sha256.hexdigest()
+        return writer.size, writer.checksum
 
     def _open_options(self) -> dict[str, Any]:
         return {} if self.block_size is None else {"block_size": self.block_size}

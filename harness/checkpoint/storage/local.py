@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from typing import IO, Callable, Optional
 
+from harness.checkpoint import checksum
 from harness.checkpoint.storage.directio import BufferRing, DirectWriter, open_direct
 
 
 class HashingWriter:
-    """A write-only file object that counts and sha256-hashes what passes through it."""
+    """A write-only file object that counts and hashes what passes through it."""
 
-    def __init__(self, raw: IO[bytes]):
+    def __init__(self, raw: IO[bytes], algorithm: str = checksum.DEFAULT):
         self._raw = raw
-        self.sha256 = hashlib.sha256()
+        self.algorithm = algorithm
+        self.hasher = checksum.new(algorithm)
         self.size = 0
+
+    @property
+    def checksum(self) -> str:
+        return checksum.named(self.algorithm, self.hasher)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.sha256.update(view)
+        self.hasher.update(view)
         self.size += view.nbytes
         return self._raw.write(view)
 
@@ -62,8 +67,9 @@ class LocalStorage:
     def local_path(self, rel: str) -> Optional[str]:
         return self._path(rel)
 
-    def write(self, rel: str, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]:
-        """Write ``rel`` atomically; returns (bytes, sha256 hex). Leaves nothing behind on failure."""
+    def write(self, rel: str, fill: Callable[[IO[bytes]], None],
+              algorithm: str = checksum.DEFAULT) -> tuple[int, str]:
+        """Write ``rel`` atomically; returns (bytes, named checksum). Leaves nothing behind on failure."""
         final = self._path(rel)
         folder = os.path.dirname(final)
         created = not os.path.isdir(folder)
@@ -71,7 +77,8 @@ class LocalStorage:
         temp = f"{final}.tmp-{os.getpid()}"
         try:
             fd = open_direct(temp) if self.direct else None
-            size, digest = self._write_buffered(temp, fill) if fd is None else self._write_direct(fd, fill)
+            size, digest = self._write_buffered(temp, fill, algorithm) if fd is None else \
+                self._write_direct(fd, fill, algorithm)
             os.replace(temp, final)
         except BaseException:
             _remove_quietly(temp)
@@ -82,20 +89,20 @@ class LocalStorage:
         return size, digest
 
     @staticmethod
-    def _write_buffered(path: str, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]:
+    def _write_buffered(path: str, fill: Callable[[IO[bytes]], None], algorithm: str) -> tuple[int, str]:
         with open(path, "wb") as raw:
-            writer = HashingWriter(raw)
+            writer = HashingWriter(raw, algorithm)
             fill(writer)
             raw.flush()
             os.fsync(raw.fileno())
-        return writer.size, writer.sha256.hexdigest()
+        return writer.size, writer.checksum
 
-    def _write_direct(self, fd: int, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]:
+    def _write_direct(self, fd: int, fill: Callable[[IO[bytes]], None], algorithm: str) -> tuple[int, str]:
         if self._ring is None:
             self._ring = BufferRing()
         try:
             with self._ring.lock:
-                writer = DirectWriter(fd, self._ring)
+                writer = DirectWriter(fd, self._ring, algorithm)
                 try:
                     fill(writer)
                     writer.finish()
@@ -104,7 +111,7 @@ class LocalStorage:
                     raise
         finally:
             os.close(fd)
-        return writer.size, writer.sha256.hexdigest()
+        return writer.size, writer.checksum
 
     def remove_dir(self, rel: str) -> None:
         shutil.rmtree(self._path(rel), ignore_errors=False)

@@ -14,7 +14,7 @@ Why the remote stays crash-consistent:
   has been raised by the next ``flush()`` or ``write()`` (no manifest over a missing payload, no
   deletion of an older checkpoint that the failed one was to replace); what was not uploaded stays
   in the staging folder. Independently of timing, a manifest is uploaded only after every file it
-  lists has been uploaded, with the sha256 it lists.
+  lists has been uploaded, with the checksum it lists.
 - Retention's deletions are queued behind the uploads, and a checkpoint leaves the remote (and the
   staging folder) only once a newer one is complete on the remote: the remote never loses its
   newest checkpoint to a prune. A pruned checkpoint whose upload has not started is not uploaded at
@@ -36,7 +36,6 @@ Uploads are not retried here: the remote's client already retries transient erro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -46,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import IO, Callable, Optional, TypeVar
 
+from harness.checkpoint import checksum
 from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, STEP_DIR, is_plain_file_name
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.storage.local import LocalStorage
@@ -64,7 +64,7 @@ log = logging.getLogger("harness")
 class _Task:
     kind: str
     rel: str  # a file for UPLOAD, a checkpoint folder for RECOVER and REMOVE
-    sha256: Optional[str] = None  # UPLOAD: what the local write produced, checked against the upload
+    checksum: Optional[str] = None  # UPLOAD: what the local write produced, checked against the upload
 
     @property
     def folder(self) -> str:
@@ -93,13 +93,14 @@ class StagedStorage:
         self._error: Optional[CheckpointError] = None
         self._removing: set[str] = set()  # folders with a queued or running REMOVE
         self._uploaded: set[str] = set()  # folders fully on the remote whose local copy is still here
-        self._published: dict[str, str] = {}  # file -> sha256 of what this process uploaded
+        self._published: dict[str, str] = {}  # file -> named checksum of what this process uploaded
         self._newest_uploaded = -1  # step of the newest checkpoint this process saw complete remotely
         self._thread: Optional[threading.Thread] = None
         self._queue.extend(_Task(RECOVER, name) for name in self._complete_locally())
 
     # ----- writing --------------------------------------------------------------------------------
-    def write(self, rel: str, fill: Callable[[IO[bytes]], None]) -> tuple[int, str]:
+    def write(self, rel: str, fill: Callable[[IO[bytes]], None],
+              algorithm: str = checksum.DEFAULT) -> tuple[int, str]:
         """Write ``rel`` to the staging folder (atomic, durable) and queue its upload."""
         folder = _folder(rel)
         with self._lock:
@@ -111,7 +112,7 @@ class StagedStorage:
             if any(task.rel == rel or (task.kind == RECOVER and task.folder == folder)
                    for task in self._queue):  # rewriting a queued checkpoint: its new files are
                 self._drop(lambda task: task.folder == folder)  # queued again, in order, below
-        size, digest = self.local.write(rel, fill)
+        size, digest = self.local.write(rel, fill, algorithm)
         with self._lock:
             self._enqueue(_Task(UPLOAD, rel, digest))
         return size, digest
@@ -244,7 +245,7 @@ class StagedStorage:
 
     def _perform(self, task: _Task) -> None:
         if task.kind == UPLOAD:
-            self._upload(task.rel, task.sha256)
+            self._upload(task.rel, task.checksum)
             if os.path.basename(task.rel) == MANIFEST_NAME:
                 self._uploaded_checkpoint(task.folder)
         elif task.kind == RECOVER:
@@ -270,15 +271,17 @@ class StagedStorage:
             self._queue.clear()
             self._removing.clear()  # the cancelled removals: listed again, pruned again later
 
-    def _upload(self, rel: str, sha256: Optional[str]) -> None:
-        """Stream the staged file to the remote in chunks; check it was read as it was written."""
+    def _upload(self, rel: str, expected: Optional[str]) -> None:
+        """Stream the staged file to the remote in chunks; check it was read as it was written
+        (``expected``: its named checksum, whose algorithm the upload hashes with)."""
         if os.path.basename(rel) == MANIFEST_NAME:
             self._check_files_published(rel)
+        algorithm = checksum.algorithm_of(expected) if expected else checksum.DEFAULT
         with self.local.open_read(rel) as source:
-            _, digest = self.remote.write(rel, lambda handle: _copy(source, handle))
-        if sha256 is not None and digest != sha256:
+            _, digest = self.remote.write(rel, lambda handle: _copy(source, handle), algorithm)
+        if expected is not None and digest != expected:
             raise CheckpointError(f"{self.local.root}/{rel} changed after it was written "
-                                  f"(sha256 {digest}, written as {sha256})")
+                                  f"(read as {digest}, written as {expected})")
         with self._lock:
             self._published[rel] = digest
 
@@ -288,7 +291,7 @@ class StagedStorage:
         files = json.loads(self.local.read_bytes(manifest_rel))["files"]
         with self._lock:
             missing = [name for name, expected in sorted(files.items())
-                       if self._published.get(f"{folder}/{name}") != expected["sha256"]]
+                       if self._published.get(f"{folder}/{name}") != checksum.expected(expected)]
         if missing:
             raise CheckpointError(f"not uploading {self.local.root}/{manifest_rel}: its "
                                   f"{', '.join(missing)} did not reach {self.root}/{folder}")
@@ -313,11 +316,11 @@ class StagedStorage:
         if not self._on_remote(folder, encoded, files):
             for name, expected in sorted(files.items()):
                 try:
-                    self._upload(f"{folder}/{name}", expected["sha256"])
+                    self._upload(f"{folder}/{name}", checksum.expected(expected))
                 except CheckpointError as error:  # damaged in the staging folder: never publish it
                     log.warning(f"not uploading {self.local.root}/{folder}: {error}")
                     return
-            self._upload(manifest_rel, hashlib.sha256(encoded).hexdigest())
+            self._upload(manifest_rel, checksum.of_bytes(encoded))
         self._uploaded_checkpoint(folder)
 
     def _on_remote(self, folder: str, manifest: bytes, files: dict) -> bool:

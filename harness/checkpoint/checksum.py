@@ -1,0 +1,67 @@
+"""Checksums of checkpoint files, named by their algorithm: ``"xxh3_128:<hex>"``.
+
+Why xxHash3: a checkpoint is hashed as it is written and again before it is loaded, on the CPU the
+training loop needs. sha256 costs ~0.6 s per GB on one core of the machines we measured; XXH3-128
+~0.07 s/GB. It detects corruption (torn writes, bit rot, truncation); it is not a defence against a
+forger, which sha256 would not be either without a signature. Manifests name the algorithm, so
+checkpoints written before the switch (``"sha256": <hex>``) still verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import IO, Callable
+
+import xxhash
+
+DEFAULT = "xxh3_128"
+_FACTORIES: dict[str, Callable[[], "Hasher"]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+READ_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+
+
+class Hasher:
+    """What hashlib and xxhash objects both provide."""
+
+    def update(self, data) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def new(algorithm: str = DEFAULT) -> Hasher:
+    try:
+        return _FACTORIES[algorithm]()
+    except KeyError:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {sorted(_FACTORIES)}") from None
+
+
+def algorithm_of(checksum: str) -> str:
+    """``"xxh3_128"`` of ``"xxh3_128:<hex>"``."""
+    return checksum.split(":", 1)[0]
+
+
+def named(algorithm: str, hasher: Hasher) -> str:
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def of_stream(handle: IO[bytes], algorithm: str = DEFAULT) -> str:
+    hasher = new(algorithm)
+    while chunk := handle.read(READ_CHUNK):
+        hasher.update(chunk)
+    return named(algorithm, hasher)
+
+
+def of_bytes(data: bytes, algorithm: str = DEFAULT) -> str:
+    hasher = new(algorithm)
+    hasher.update(data)
+    return named(algorithm, hasher)
+
+
+def file_entry(size: int, checksum: str) -> dict:
+    """A manifest's record of one file."""
+    return {"bytes": size, "checksum": checksum}
+
+
+def expected(entry: dict) -> str:
+    """The named checksum a manifest records for a file (manifests before xxHash: ``sha256``)."""
+    if "checksum" in entry:
+        return entry["checksum"]
+    return f"sha256:{entry['sha256']}"
