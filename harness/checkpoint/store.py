@@ -170,6 +170,9 @@ class CheckpointStore:
     def checksum(self, rel: str, like: str = checksum.DEFAULT) -> str:
         """The named checksum of a file, with the algorithm of ``like`` (a named checksum or an
         algorithm's name)."""
+        path = self.storage.local_path(rel)
+        if path is not None:
+            return checksum.of_file(path, checksum.algorithm_of(like))
         with self.storage.open_read(rel) as handle:
             return checksum.of_stream(handle, checksum.algorithm_of(like))
 

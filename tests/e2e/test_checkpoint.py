@@ -47,6 +47,26 @@ def test_resume_is_bit_exact(tmp_path, reference, stop_step, options):
     assert_same_training(ckpt_dir, reference)
 
 
+def test_a_checkpoint_in_the_torch_save_format_of_earlier_versions_still_resumes_bit_exact(tmp_path, reference):
+    """What harness wrote before the flat format: state.pt by torch.save, its sha256 in the manifest."""
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 45)
+    step_dir = ckpt_dir / "step_000000045"
+    torch.save(read_step(ckpt_dir, 45), step_dir / "state.pt")
+    (step_dir / "state.safetensors").unlink()
+    old = (step_dir / "state.pt").read_bytes()
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"] = {"state.pt": {"bytes": len(old), "sha256": hashlib.sha256(old).hexdigest()}}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt_main(["verify", str(ckpt_dir)]) == 0
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {ckpt_dir}/step_000000045 at step 45" in result.stdout
+    assert "skipping corrupt" not in result.stderr
+    assert_same_training(ckpt_dir, reference)
+    assert (ckpt_dir / "step_000000160" / "state.safetensors").exists()  # new saves use the flat format
+
+
 def test_resume_without_rng_restore_would_differ(tmp_path, reference):
     """Negative control: a resumed run that loses the RNG/data position diverges, so the test above
     can fail."""

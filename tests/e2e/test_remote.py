@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_tensors_equal, newest_payload, wait_for
+from harness.checkpoint.format import read_payload
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.layout import step_dir_name
@@ -178,7 +179,7 @@ def test_corrupt_payload_is_skipped_with_a_warning(moto_server, s3_url, damage, 
     else:
         body[len(body) // 2] ^= 0xFF  # same size: only the checksum can tell
     moto_server.client().put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
-    expected = "truncated" if damage == "truncated" else "sha256 differs"
+    expected = "truncated" if damage == "truncated" else "xxh3_128 differs"
     with caplog.at_level("WARNING", logger="harness"):
         assert store.latest_valid().step == 10
     assert re.search(rf"skipping corrupt checkpoint {s3_url}/step_000000020: .*{expected}", caplog.text)
@@ -228,7 +229,7 @@ def fill(handle):
     print("uploading", flush=True)
     sys.stdin.read()  # hang mid-upload until killed
 
-CheckpointStore(FsspecStorage(sys.argv[1], block_size=5 << 20)).commit(10, fill, {})
+CheckpointStore(FsspecStorage(sys.argv[1], block_size=5 << 20)).commit(10, fill, {}, payload_name="state.pt")
 """
 
 
@@ -280,13 +281,15 @@ def test_launcher_trains_to_s3_and_resumes_bit_exact(moto_server, s3_url, tmp_pa
     first = _launch(s3_url, 40)
     assert f"no checkpoint in {s3_url}: starting fresh" in first.stdout
     assert _keys(moto_server, s3_url) == [f"{step_dir_name(step)}/{name}" for step in (20, 40)
-                                          for name in ("manifest.json", "state.pt")]
+                                          for name in ("manifest.json", "state.safetensors")]
     second = _launch(s3_url, E2E_STEPS)
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     store = _store(s3_url)
     final = store.latest_valid()
     assert final.step == E2E_STEPS
-    remote = torch.load(io.BytesIO(store.storage.read_bytes(f"{final.name}/state.pt")), weights_only=True)
+    copy = tmp_path / "remote.safetensors"
+    copy.write_bytes(store.storage.read_bytes(final.payload_path))
+    remote = read_payload(str(copy))
     local_dir = tmp_path / "local"
     _launch(str(local_dir), E2E_STEPS)  # the same training, uninterrupted, on a local folder
     local = newest_payload(local_dir)

@@ -23,6 +23,7 @@ import pytest
 from conftest import REPO, wait_for
 from harness.checkpoint.storage.staged import StagedStorage
 from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, PAYLOAD_NAME, step_dir_name
+from harness.checkpoint import checksum
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage.local import LocalStorage
@@ -65,13 +66,13 @@ class GatedRemote(LocalStorage):
         self.chunks: list[int] = []  # sizes of the writes the uploader streamed into us
         self.removed_without_newer: list[str] = []
 
-    def write(self, rel, fill):
+    def write(self, rel, fill, algorithm=checksum.DEFAULT):
         self.started.append(rel)
         if not self.gate.wait(GATE_TIMEOUT_S):
             raise TimeoutError("the test never opened the gate")
         if self.fail(rel):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", f"{self.root}/{rel}")
-        result = super().write(rel, lambda handle: fill(CountingWriter(handle, self.chunks)))
+        result = super().write(rel, lambda handle: fill(CountingWriter(handle, self.chunks)), algorithm)
         self.done.append(("write", rel))
         return result
 
@@ -218,7 +219,7 @@ def test_upload_to_unwritable_remote_fails_flush_and_keeps_local_checkpoint(tmp_
     remote.gate.clear()  # so the failure comes after the commit, not during it (see the next test)
     _commit(store, 10)  # the commit itself succeeds: it is staged locally
     remote.gate.set()
-    with pytest.raises(CheckpointError, match=rf"could not upload {remote.root}/step_000000010/state.pt"):
+    with pytest.raises(CheckpointError, match=rf"could not upload {remote.root}/step_000000010/state.safetensors"):
         store.storage.flush()
     assert CheckpointStore(LocalStorage(str(tmp_path / "stage"))).latest_valid().step == 10  # kept
     store.storage.flush()  # reported once, not again
@@ -236,7 +237,7 @@ def test_upload_failure_surfaces_on_next_write_and_manifest_stays_unpublished(tm
     with pytest.raises(CheckpointError) as raised:
         _commit(store, 30)
     message = str(raised.value)  # commit's message carries the upload's: which file, which remote, why
-    assert f"could not upload {remote.root}/step_000000020/state.pt" in message, message
+    assert f"could not upload {remote.root}/step_000000020/state.safetensors" in message, message
     assert "No space left on device (injected)" in message
     assert not (tmp_path / "stage" / step_dir_name(30)).exists()  # refused before writing anything
     assert _steps(tmp_path / "remote") == [10]  # no manifest over the payload that failed
@@ -329,7 +330,7 @@ def test_commit_through_staging_reaches_s3_identical(moto_server, s3_url, tmp_pa
     for rel in _files(20):
         body = client.get_object(Bucket=BUCKET, Key=f"{prefix}/{rel}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == _sha(stage / rel)
-    assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 20  # verifies sha256 too
+    assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 20  # verifies checksums too
     assert os.listdir(stage) == [step_dir_name(20)]
 
 
@@ -352,12 +353,12 @@ from harness.checkpoint.store import CheckpointStore
 from harness.checkpoint.storage.local import LocalStorage
 
 class HangsBeforePublishing(FsspecStorage):
-    def write(self, rel, fill):
+    def write(self, rel, fill, algorithm="xxh3_128"):
         def stream_then_hang(handle):
             fill(handle)  # the parts are uploaded ...
             print("uploading", flush=True)
             sys.stdin.read()  # ... and the process is killed before the upload completes
-        return super().write(rel, stream_then_hang)
+        return super().write(rel, stream_then_hang, algorithm)
 
 storage = StagedStorage(LocalStorage(sys.argv[2]), HangsBeforePublishing(sys.argv[1], block_size=5 << 20))
 CheckpointStore(storage).commit(10, lambda handle: handle.write(os.urandom(12 << 20)), {})
@@ -384,7 +385,7 @@ def test_upload_killed_with_the_process_is_redone_by_the_next_start(moto_server,
     storage.flush()
     remote = CheckpointStore(FsspecStorage(s3_url))
     assert remote.latest_valid().step == 10
-    assert remote.sha256(_files(10)[0]) == _sha(stage / _files(10)[0])
+    assert remote.checksum(_files(10)[0], "sha256") == "sha256:" + _sha(stage / _files(10)[0])
 
 
 # ----- end to end: the real launcher, two DDP ranks, staged to S3 ------------------------------------

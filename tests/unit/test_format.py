@@ -1,0 +1,168 @@
+"""The checkpoint file formats: the flat (safetensors-compatible) file, its fallback to torch.save,
+XXH3 checksums next to the older sha256 ones, and O_DIRECT writes straight from aligned memory."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import mmap
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_tensors_equal
+from harness.checkpoint import checksum, flat
+from harness.checkpoint.format import encode, read_payload
+from harness.checkpoint.layout import LEGACY_PAYLOAD_NAME, PAYLOAD_NAME
+from harness.checkpoint.payload import capture_rng
+from harness.checkpoint.storage.local import LocalStorage
+from harness.checkpoint.store import CheckpointStore, Retention
+from harness.checkpoint.writer import CheckpointWriter
+
+
+def _trained_state() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 5)).square().mean().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _payload() -> dict:
+    return {
+        "format": "harness.checkpoint", "state": _trained_state(), "rng": [capture_rng(), capture_rng()],
+        "plain": (1, 2.5, float("inf"), None, True, "text", b"\x00\xff", torch.Size([2, 3]), torch.bfloat16),
+        "int_keys": {0: "zero", (1, 2): "tuple key"}, "half": torch.randn(3, 2).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4), "scalar": torch.tensor(7, dtype=torch.int64), "flag": torch.tensor([True, False]),
+    }
+
+
+def _same(a, b) -> bool:
+    """Equal values AND equal types, all the way down (a tuple must come back a tuple)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _write(path, payload) -> None:
+    file = encode(payload)
+    assert file.name == PAYLOAD_NAME
+    with open(path, "wb") as handle:
+        file.write_to(handle)
+
+
+def test_a_flat_file_gives_back_every_value_with_its_type_and_safetensors_reads_its_tensors(tmp_path):
+    payload = _payload()
+    path = tmp_path / PAYLOAD_NAME
+    _write(path, payload)
+    loaded = read_payload(str(path))
+    assert _same(payload, loaded)
+    assert isinstance(loaded["state"]["model"], collections.OrderedDict)
+    assert loaded["state"]["model"]._metadata == payload["state"]["model"]._metadata  # module versions
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + header_len) % flat.ALIGN == 0  # the data section is page-aligned
+    tensors = load_file(str(path))  # any safetensors tool reads the weights
+    assert torch.equal(tensors["state/model/0.weight"], payload["state"]["model"]["0.weight"])
+    assert torch.equal(tensors["half"], payload["half"])
+
+
+def test_a_loaded_tensor_can_be_changed_and_saved_on_its_own_without_touching_the_file(tmp_path):
+    path = tmp_path / PAYLOAD_NAME
+    _write(path, _payload())
+    before = path.read_bytes()
+    loaded = read_payload(str(path))
+    weight = loaded["state"]["model"]["0.weight"]
+    weight.add_(1.0)  # optimizers keep loaded state tensors and update them in place
+    assert path.read_bytes() == before
+    torch.save(weight, tmp_path / "one.pt")  # its own storage: only its bytes are written
+    assert (tmp_path / "one.pt").stat().st_size < 2 * weight.numel() * 4 + 2000
+
+
+def test_a_truncated_flat_file_is_a_clear_error(tmp_path):
+    path = tmp_path / PAYLOAD_NAME
+    _write(path, _payload())
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        read_payload(str(path))
+
+
+def test_a_payload_that_is_not_plain_data_falls_back_to_torch_save_and_says_so(tmp_path, caplog):
+    payload = {"state": {"phase": torch.randn(3, dtype=torch.complex64)}, "step": 3}  # no safetensors dtype
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    for asynchronous in (False, True):
+        writer = CheckpointWriter(store, Retention(keep_last=0), asynchronous=asynchronous)
+        with caplog.at_level(logging.WARNING, logger="harness"):
+            writer.submit(10 + asynchronous, payload, {})
+            writer.flush()
+        ref = writer.last_ref
+        assert ref.payload_path.endswith(LEGACY_PAYLOAD_NAME) and store.problems(ref) == []
+        assert_tensors_equal(read_payload(str(tmp_path / ref.payload_path)), payload)
+    assert "state/phase" in caplog.text and "torch.save" in caplog.text
+
+
+def test_checksums_are_xxh3_and_sha256_manifests_still_verify(tmp_path):
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    writer = CheckpointWriter(store, Retention(keep_last=0))
+    writer.submit(5, _payload(), {})
+    ref = writer.last_ref
+    entry = ref.manifest["files"][PAYLOAD_NAME]
+    assert entry["checksum"].startswith("xxh3_128:") and store.problems(ref) == []
+    # A manifest from before the switch records sha256 under its own key: it still verifies ...
+    path = tmp_path / ref.payload_path
+    old_entry = {"bytes": entry["bytes"], "sha256": store.checksum(ref.payload_path, "sha256").split(":")[1]}
+    manifest_path = tmp_path / ref.name / "manifest.json"
+    manifest_path.write_text(json.dumps(ref.manifest | {"files": {PAYLOAD_NAME: old_entry}}))
+    old_ref = store.latest_listed()
+    assert store.problems(old_ref) == []
+    # ... and a flipped byte is caught by either algorithm.
+    data = bytearray(path.read_bytes())
+    data[len(data) - 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert "sha256 differs" in store.problems(old_ref)[0]
+    manifest_path.write_text(json.dumps(ref.manifest))
+    assert "xxh3_128 differs" in store.problems(store.latest_listed())[0]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_odirect_writes_from_page_aligned_memory_equal_buffered_ones(tmp_path, aligned):
+    size = (20 << 20) + 4096 * 3 + 123  # several requests, a partial page at the end
+    memory = mmap.mmap(-1, size + 1)
+    rng = random.Random(0)
+    memory[:size + 1] = rng.randbytes(size + 1)
+    view = memoryview(memory)[0 if aligned else 1:][:size]
+    header = b"h" * 4096
+    results = {}
+    for direct in (True, False):
+        storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
+        results[direct] = storage.write("blob", lambda handle: (handle.write(header), handle.write(view)))
+        assert (tmp_path / str(direct) / "blob").read_bytes() == header + bytes(view)
+    assert results[True] == results[False] == (4096 + size, checksum.of_bytes(header + bytes(view)))
+
+
+def test_the_async_snapshot_reuses_one_buffer_and_each_file_holds_its_own_step(tmp_path):
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    writer = CheckpointWriter(store, Retention(keep_last=0), asynchronous=True)
+    state = {"w": torch.zeros(1000, 100)}
+    addresses = []
+    for step in (1, 2, 3):
+        state["w"].fill_(step)
+        writer.submit(step, {"state": state}, {})
+        state["w"].fill_(-1)  # the loop changes its tensors at once; the snapshot must not see it
+        addresses.append(writer._snapshot._buffer.data_ptr())
+    writer.flush()
+    assert len(set(addresses)) == 1
+    for step in (1, 2, 3):
+        ref = next(r for r in store.list_complete() if r.step == step)
+        assert store.problems(ref) == []
+        assert torch.equal(read_payload(str(tmp_path / ref.payload_path))["state"]["w"], torch.full((1000, 100), float(step)))
