@@ -9,6 +9,7 @@ previous write. A failed background write is raised by the next ``submit()``/``f
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -83,7 +84,7 @@ class FlatSnapshot:
         stream = self._stream if on_gpu else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else _no_context():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for tensor, (begin, end) in zip(layout.sources, layout.spans):
                 target = data[begin:end].view(tensor.dtype).view(tensor.shape)
                 target.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
@@ -123,14 +124,6 @@ class FlatSnapshot:
     @property
     def nbytes(self) -> int:
         return 0 if self._buffer is None else self._buffer.numel()
-
-
-class _no_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # Niceness of the background write thread: on hosts where the loop already uses every core (2-core

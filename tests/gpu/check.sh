@@ -5,14 +5,15 @@
 #    relaunch, final state bit-identical to an uninterrupted run (same GPU, deterministic kernels).
 # 2. Placement: the payload loads on the CPU and every module/optimizer tensor lands on cuda:<local_rank>;
 #    Adam's `step` counters stay on the CPU; a CPU-saved checkpoint resumes on the GPU and vice versa.
-# 3. The pinned async snapshot: host buffers are pinned, reused, and the blocking time is printed.
-# 4. Timings: save / load of a ~1B-param state (sync, async blocking, durable), against torch.save.
+# 3. The pinned async snapshot (side CUDA stream), blocking / durable / effective stall for 1B and 7B
+#    states against DCP async_save: `python -m benchmarks.gpu` (its report is printed as JSON).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python}
 work="$(mktemp -d /tmp/harness-gpu.XXXXXX)"
 echo "[gpu-check] $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1); work dir $work"
+set +e
 "$python" - "$work" <<'PY'
 import json, os, signal, subprocess, sys, time
 import torch
@@ -28,9 +29,16 @@ def launch(ckpt, *extra, wait=True):
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
+from harness.checkpoint.format import read_payload
+from harness.checkpoint.layout import payload_file
+
+def payload_of(step_dir):
+    manifest = json.load(open(os.path.join(step_dir, "manifest.json")))
+    return read_payload(os.path.join(step_dir, payload_file(manifest)))
+
 def final_state(ckpt):
     steps = sorted(p for p in os.listdir(ckpt) if p.startswith("step_"))
-    return torch.load(os.path.join(ckpt, steps[-1], "state.pt"), weights_only=True, map_location="cpu")["state"]
+    return payload_of(os.path.join(ckpt, steps[-1]))["state"]
 
 def same(a, b):
     if isinstance(a, torch.Tensor):
@@ -72,31 +80,17 @@ with Session(cfg) as session:
     results["adam_step_on"] = sorted({str(s["step"].device) for s in opt.state.values()})
 # A CPU-saved checkpoint (the uninterrupted run's files are device-neutral on load) resumes on the GPU:
 # covered above (payload mapped to CPU, copied to cuda:0). The reverse: load the GPU run's file on CPU.
-cpu = torch.load(os.path.join(run, "step_000000400", "state.pt"), weights_only=True, map_location="cpu")
+cpu = payload_of(os.path.join(run, "step_000000400"))
 results["gpu_file_loads_on_cpu"] = all(t.device.type == "cpu" for t in cpu["state"]["model"].values())
-
-# Pinned async snapshot + timings on a ~1B-param state.
-from harness.checkpoint.storage.local import LocalStorage
-from harness.checkpoint.store import CheckpointStore, Retention
-from harness.checkpoint.writer import CheckpointWriter
-big = {f"w{i}": torch.randn(8192, 8192, device="cuda") for i in range(16)}  # 1.07B params, 4.3 GB
-nbytes = sum(t.numel() * t.element_size() for t in big.values())
-store = CheckpointStore(LocalStorage(os.path.join(work, "big")))
-for mode in ("sync", "async"):
-    writer = CheckpointWriter(store, Retention(keep_last=1), asynchronous=mode == "async")
-    for rep in range(2):
-        t0 = time.perf_counter(); writer.submit(rep + (10 if mode == "async" else 0), {"w": big}, {})
-        blocked = time.perf_counter() - t0; writer.flush(); durable = time.perf_counter() - t0
-        results[f"{mode}_rep{rep}_blocked_s"] = round(blocked, 3); results[f"{mode}_rep{rep}_durable_s"] = round(durable, 3)
-    if mode == "async":
-        results["snapshot_pinned"] = all(b.is_pinned() for b in writer._snapshot._buffers.values())
-t0 = time.perf_counter(); torch.save({k: v.cpu() for k, v in big.items()}, os.path.join(work, "plain.pt")); os.sync()
-results["torch_save_s"] = round(time.perf_counter() - t0, 3)
-results["state_gb"] = round(nbytes / 1e9, 2)
 print(json.dumps(results, indent=1))
 ok = (results["sigterm_exit"] == 75 and results["resume_exit"] == 0 and results["bit_identical_after_sigterm"]
       and results["params_on"] == ["cuda:0"] and results["adam_state_on"] == ["cuda:0"]
-      and results["adam_step_on"] == ["cpu"] and results["gpu_file_loads_on_cpu"] and results["snapshot_pinned"])
+      and results["adam_step_on"] == ["cpu"] and results["gpu_file_loads_on_cpu"])
 print("[gpu-check]", "PASSED" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 PY
+status=$?
+set -e
+bench_dir="${GPU_BENCH_DIR:-$work}"; mkdir -p "$bench_dir"
+"$python" -m benchmarks.gpu --sizes "${GPU_BENCH_SIZES:-1B,7B}" --reps 2 --dir "$bench_dir" --json "${GPU_BENCH_JSON:-$work/gpu-bench.json}"
+exit $status
