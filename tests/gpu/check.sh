@@ -92,5 +92,5 @@ PY
 status=$?
 set -e
 bench_dir="${GPU_BENCH_DIR:-$work}"; mkdir -p "$bench_dir"
-"$python" -m benchmarks.gpu --sizes "${GPU_BENCH_SIZES:-1B,7B}" --reps 2 --dir "$bench_dir" --json "${GPU_BENCH_JSON:-$work/gpu-bench.json}"
+"$python" -m benchmarks.gpu --sizes "${GPU_BENCH_SIZES:-1B,7B}" --reps "${GPU_BENCH_REPS:-2}" --dir "$bench_dir" --json "${GPU_BENCH_JSON:-$work/gpu-bench.json}"
 exit $status
