@@ -20,6 +20,7 @@ import xxhash
 DEFAULT = "xxh3_128"
 _FACTORIES: dict[str, Callable[[], "Hasher"]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 READ_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+SLICE = 1 << 20  # bytes hashed per call: xxhash holds the GIL while it hashes, the training thread waits
 READS_IN_FLIGHT = 4  # a disk (NVMe, cloud volumes) reaches its bandwidth only with several reads queued
 
 
@@ -35,6 +36,14 @@ def new(algorithm: str = DEFAULT) -> Hasher:
         return _FACTORIES[algorithm]()
     except KeyError:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {sorted(_FACTORIES)}") from None
+
+
+def update(hasher: Hasher, data) -> None:
+    """Hash ``data`` in slices, so a writer thread never holds the GIL for long (a training step's
+    Python code on the main thread waits for it)."""
+    view = memoryview(data).cast("B")
+    for start in range(0, view.nbytes, SLICE):
+        hasher.update(view[start:start + SLICE])
 
 
 def algorithm_of(checksum: str) -> str:

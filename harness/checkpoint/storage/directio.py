@@ -112,7 +112,7 @@ class DirectWriter:
             piece = view[start:start + CHUNK]
             if len(in_flight) >= len(self.ring.buffers):
                 in_flight.pop(0).result()
-            hashed = self._hasher.submit(self.hasher.update, piece)
+            hashed = self._hasher.submit(checksum.update, self.hasher, piece)
             in_flight.append(self._io.submit(self._write_at, hashed, piece, self.size))
             self.size += piece.nbytes
         for future in in_flight:
@@ -135,7 +135,7 @@ class DirectWriter:
             buffer[length:padded] = bytes(padded - length)
         view = memoryview(buffer)
         # Hash strictly in order (one thread), then write this buffer at its offset (a pool).
-        hashed = self._hasher.submit(self.hasher.update, view[:length])
+        hashed = self._hasher.submit(checksum.update, self.hasher, view[:length])
         self._pending[index] = self._io.submit(self._write_at, hashed, view[:padded], offset)
         self.size += length
         self._index = (index + 1) % len(self.ring.buffers)
