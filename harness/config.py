@@ -7,6 +7,7 @@ start, before any process is launched. This module imports nothing else from the
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, restart me"
 BEST_MODES = ("min", "max")
 SPOT_PROVIDERS = ("aws", "gcp", "azure")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,34 @@ class CheckpointConfig:
             raise ConfigError(
                 f"checkpoint.keep_best={self.keep_best} needs checkpoint.best_metric: "
                 "HINT: set checkpoint.best_metric=<name of a value passed to session.log()>")
+
+
+def _require_package(enabled: bool, key: str, module: str, extra: str) -> None:
+    """An optional sink is checked at start (every rank, and the launcher before it starts any), not
+    when rank 0 first writes. find_spec looks the package up without importing it."""
+    if enabled and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}=true needs the {module} package, which is not installed: "
+                          f"HINT: pip install 'harness[{extra}]' (or set {key}=false)")
+
+
+@dataclass
+class LogConfig:
+    """Where the values passed to ``session.log()`` go besides the progress line and
+    ``trainer.metrics_file``; written by rank 0, one run across restarts and requeues."""
+
+    tensorboard: bool = False  # write TensorBoard scalars (pip install 'harness[tensorboard]')
+    tensorboard_dir: Optional[str] = None  # local folder of the one TensorBoard run; null: <checkpoint.dir>/tensorboard
+    wandb: bool = False  # log to Weights & Biases (pip install 'harness[wandb]'); one W&B run per checkpoint.dir
+    wandb_project: Optional[str] = None  # W&B project; null: WANDB_PROJECT or W&B's default
+    wandb_entity: Optional[str] = None  # W&B team or user; null: your default entity
+    wandb_dir: Optional[str] = None  # local folder for W&B's files (it adds wandb/); null: checkpoint.dir
+    wandb_mode: Optional[str] = None  # online | offline (sync later: wandb sync) | disabled; null: WANDB_MODE or online
+
+    def __post_init__(self) -> None:
+        _require(self.wandb_mode is None or self.wandb_mode in WANDB_MODES, "log.wandb_mode", self.wandb_mode,
+                 f"null or one of {WANDB_MODES}")
+        _require_package(self.tensorboard, "log.tensorboard", "tensorboard", "tensorboard")
+        _require_package(self.wandb, "log.wandb", "wandb", "wandb")
 
 
 @dataclass
@@ -198,6 +228,7 @@ class HarnessConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name and not _has_control(self.name), "name",
@@ -207,6 +238,12 @@ class HarnessConfig:
                      "a dataset _target_ when trainer.eval_every > 0")
         _require(isinstance(self.launcher, tuple(LAUNCHERS.values())), "launcher", self.launcher,
                  f"one of launcher={'|'.join(LAUNCHERS)}")
+        # TensorBoard and W&B write through local files; a remote checkpoint.dir needs a local folder.
+        for enabled, key, folder in ((self.log.tensorboard, "log.tensorboard_dir", self.log.tensorboard_dir),
+                                     (self.log.wandb, "log.wandb_dir", self.log.wandb_dir)):
+            if enabled and folder is None and "://" in self.checkpoint.dir:
+                raise ConfigError(f"{key}=null would put files in checkpoint.dir={self.checkpoint.dir}, a "
+                                  f"remote URL: HINT: set {key} to a local folder that every restart sees")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Sequence
+
+from harness.sinks import Row, Sink
 
 log = logging.getLogger("harness")
 
@@ -32,7 +32,8 @@ class ProgressReporter:
     """Rank 0's progress: step, loss, steps/s and ETA; a rich live bar when stdout is a terminal."""
 
     def __init__(self, total_steps: int, start_step: int, log_every: int, enabled: bool,
-                 metrics_path: Optional[str], stream: IO[str] = sys.stdout):
+                 sinks: Sequence[Sink] = (), stream: IO[str] = sys.stdout):
+        """``sinks`` (``harness.sinks``): where every step's values go; more can be added later."""
         self.total_steps = total_steps
         self.start_step = start_step
         self.log_every = log_every
@@ -40,13 +41,15 @@ class ProgressReporter:
         self.stream = stream
         self.started = time.perf_counter()
         self._bar = None
-        self._metrics_file = None
+        self._sinks: list[Sink] = list(sinks) if enabled else []
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps not yet written or shown
-        if enabled and metrics_path:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-            self._metrics_file = open(metrics_path, "a", buffering=1)
         if enabled and stream.isatty():
             self._bar = self._start_bar()
+
+    def add_sink(self, sink: Sink) -> None:
+        """Also write the steps from now on to ``sink`` (opened once the resumed step is known)."""
+        if self.enabled:
+            self._sinks.append(sink)
 
     def _start_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -80,15 +83,22 @@ class ProgressReporter:
         if show:
             self._show(*rows[-1])
 
-    def _write_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        if self._metrics_file is None:
-            return
+    def _write_metrics(self, rows: list[Row]) -> None:
+        for sink in list(self._sinks):
+            try:
+                sink.write(rows)
+            except Exception as error:  # a full disk or a broken logger must not stop training
+                self._drop(sink, error)
+
+    def _drop(self, sink: Sink, error: Exception) -> None:
+        """Warn once, stop writing to ``sink``, close it (its own error then is part of the same failure)."""
+        log.warning("could not write %s (%s: %s); training goes on without it", sink.name,
+                    type(error).__name__, error)
+        self._sinks.remove(sink)
         try:
-            self._metrics_file.write("".join(json.dumps({"step": step, **values}) + "\n" for step, values in rows))
-        except OSError as error:  # a full disk must not stop training: warn once, stop writing
-            log.warning("could not write the metrics file %s (%s); training goes on without it",
-                        self._metrics_file.name, error)
-            self._close_metrics()
+            sink.close()
+        except Exception:  # already warned about this sink: its buffered tail is lost
+            pass
 
     def _show(self, step: int, values: dict[str, float]) -> None:
         rate = self.rate(step)
@@ -113,12 +123,9 @@ class ProgressReporter:
             self._bar.stop()
             self._bar = None
         self.flush()
-        self._close_metrics()
-
-    def _close_metrics(self) -> None:
-        if self._metrics_file is not None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
             try:
-                self._metrics_file.close()
-            except OSError:  # the buffered tail could not be written (full disk): already warned
-                pass
-            self._metrics_file = None
+                sink.close()
+            except Exception as error:  # the run is over or stopping: say so, let it end as it would
+                log.warning("could not close %s (%s: %s)", sink.name, type(error).__name__, error)

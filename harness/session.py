@@ -39,6 +39,7 @@ from harness.collectives import Peer, describe_lost_peer, gather_peers
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
+from harness.sinks import MetricsFile, open_sinks
 from harness.stop.agreement import AgreementClock, Preempted, agree, grace_warning
 from harness.stop.flag import StopFlag, describe_reason
 from harness.stop.spot import SpotPoller
@@ -64,6 +65,7 @@ class Session:
         self.flag = flag if flag is not None else StopFlag()
         # The resolved config saved in every checkpoint: the launcher's (a script run by it), else cfg's.
         config_data = config_data or launched_config() or dataclasses.asdict(cfg)
+        self._config_data = config_data  # also W&B's run config
         self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say)
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
         self.metrics: dict[str, Any] = {}  # values logged during the current step
@@ -298,9 +300,10 @@ class Session:
         if self._started:
             return
         self._started = True
+        metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
-            enabled=self.env.is_main, metrics_path=self._metrics_path())
+            enabled=self.env.is_main, sinks=[MetricsFile(metrics_path)] if metrics_path else [])
         self.checkpoints.lock()
         ref = self.resume_point()
         if not self.checkpoints.resumes() and self.checkpoints.holds_checkpoints():
@@ -315,6 +318,10 @@ class Session:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
             self.checkpoints.restore(ref, self._data_unit)
+        if self.env.is_main:  # TensorBoard and W&B continue their run after the resumed step
+            for sink in open_sinks(self.cfg, self.progress.step, new_run=not self.checkpoints.resumes(),
+                                   config_data=self._config_data):
+                self._reporter.add_sink(sink)
         self._reporter.start_step = self.progress.step
         self._reporter.started = time.perf_counter()
 

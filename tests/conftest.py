@@ -100,6 +100,16 @@ def metrics(ckpt_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def tensorboard_points(folder: Path, tag: str = "loss", purge: bool = True) -> list[tuple[int, float]]:
+    """(step, value) of every scalar point of ``tag`` as TensorBoard reads the folder: all event files
+    in order and, with ``purge``, without the points that a later file's purge_step discards."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0}, purge_orphaned_data=purge)
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 def steps_with_saves(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / "manifest.json").exists())
 
