@@ -70,7 +70,7 @@ class CheckpointConfig:
     best_metric: Optional[str] = None  # name of a logged metric that ranks checkpoints for keep_best
     best_mode: str = "min"  # "min" or "max": which end of best_metric is best
     resume: bool = True  # resume from the newest checkpoint in dir; false: start fresh (first launch only: restarts and requeues always resume)
-    verify: bool = True  # check sha256 of a checkpoint against its manifest before loading it
+    verify: bool = True  # check a checkpoint's checksum (XXH3) against its manifest before loading it
     unsafe_load: bool = False  # allow full unpickling (runs code from the file!); only for files you trust
     init_from: Optional[str] = None  # pretrained weights for a fresh run (model only; ignored on resume)
     init_rename: Dict[str, str] = field(default_factory=dict)  # prefix renames for init_from: {old.: new.}
