@@ -97,6 +97,10 @@ while true; do
     # checkpoint.resume=false.
     HARNESS_RESTART_COUNT=$restarts "${command[@]}" &
     child=$!
+    # A signal that came between the fork and the line above found no child to forward to: pass it on.
+    if [[ -n "$signalled" ]]; then
+        kill -s "$signalled" "$child" 2>/dev/null || true
+    fi
     wait_child
     if ((status != PREEMPTED_EXIT_CODE)); then
         if ((status == 0)); then say "job finished"; else say "job failed with exit code $status"; fi

@@ -25,7 +25,7 @@ class HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.hasher.update(view)
+        checksum.update(self.hasher, view)
         self.size += view.nbytes
         return self._raw.write(view)
 
