@@ -17,9 +17,11 @@ from typing import IO, Callable
 
 import xxhash
 
+from harness.checkpoint.layout import HASH_CHUNK
+
 DEFAULT = "xxh3_128"
 _FACTORIES: dict[str, Callable[[], "Hasher"]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-READ_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+READ_CHUNK = HASH_CHUNK  # bytes read at a time when hashing a file
 SLICE = 1 << 20  # bytes hashed per call: xxhash holds the GIL while it hashes, the training thread waits
 READS_IN_FLIGHT = 4  # a disk (NVMe, cloud volumes) reaches its bandwidth only with several reads queued
 

@@ -153,18 +153,18 @@ class CheckpointStore:
     def problems(self, ref: CheckpointRef, verify: bool = True) -> list[str]:
         """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid)."""
         found = []
-        for rel, expected in ref.manifest.get("files", {}).items():
+        for rel, entry in ref.manifest.get("files", {}).items():
             path = f"{ref.name}/{rel}"
+            recorded = checksum.expected(entry)
             try:
                 size = self.storage.size(path)
             except FileNotFoundError:
                 found.append(f"{path}: missing")
                 continue
-            if size != expected["bytes"]:
-                found.append(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
-            elif verify and self.checksum(path, checksum.expected(expected)) != checksum.expected(expected):
-                found.append(f"{path}: {checksum.algorithm_of(checksum.expected(expected))} differs "
-                             "from the manifest (corrupted)")
+            if size != entry["bytes"]:
+                found.append(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated?)")
+            elif verify and self.checksum(path, recorded) != recorded:
+                found.append(f"{path}: {checksum.algorithm_of(recorded)} differs from the manifest (corrupted)")
         return found
 
     def checksum(self, rel: str, like: str = checksum.DEFAULT) -> str:
