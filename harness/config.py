@@ -70,6 +70,7 @@ class CheckpointConfig:
     best_metric: Optional[str] = None  # name of a logged metric that ranks checkpoints for keep_best
     best_mode: str = "min"  # "min" or "max": which end of best_metric is best
     resume: bool = True  # resume from the newest checkpoint in dir; false: start fresh (first launch only: restarts and requeues always resume)
+    set_aside: bool = False  # with resume=false: move an earlier run's files in dir to dir/set_aside/<UTC time>/ (else refuse to start)
     verify: bool = True  # check a checkpoint's checksum (XXH3) against its manifest before loading it
     unsafe_load: bool = False  # allow full unpickling (runs code from the file!); only for files you trust
     init_from: Optional[str] = None  # pretrained weights for a fresh run (model only; ignored on resume)

@@ -69,6 +69,7 @@ class Session:
         self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say)
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
         self.metrics: dict[str, Any] = {}  # values logged during the current step
+        self._ended_metrics: dict[str, Any] = {}  # the values of the last completed step (its save's metric)
         self._started = False
         self._in_step = False  # inside the body of batches(): the state is mid-step
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
@@ -229,14 +230,45 @@ class Session:
         if per_epoch == 0:
             raise ValueError(f"an epoch has {data_mod.steps_per_epoch(loader)} batches per rank, fewer "
                              f"than accumulate={accumulate}: shrink the batch or accumulate less")
+        self._align_to_window(accumulate)
         while self.progress.step < self.cfg.trainer.max_steps:
             if self.progress.batch_in_epoch >= per_epoch:
-                self.progress.epoch += 1
-                self.progress.batch_in_epoch = 0
+                self._next_epoch()
             data_mod.position_loader(loader, self.cfg.trainer.seed, self.progress.epoch,
                                      self.progress.batch_in_epoch)
+            first_batch, steps_before = self.progress.batch_in_epoch, self.progress.step
             yield from self._drain(iter(loader), accumulate, per_epoch)
+            if self.progress.step < self.cfg.trainer.max_steps and self.progress.batch_in_epoch < per_epoch:
+                # The loader ran out before the epoch's last window: never load this position again.
+                self._loader_ended(first_batch, steps_before, accumulate)
         self.finish()
+
+    def _align_to_window(self, accumulate: int) -> None:
+        """Start every step at a window of ``accumulate`` micro-batches from the epoch's start.
+
+        A resume with other samples per micro-batch (another world size or batch size) keeps the
+        position by samples, which may fall inside a window: it moves back to the window's start,
+        and the micro-batches in between are trained on again (never skipped).
+        """
+        inside = self.progress.batch_in_epoch % accumulate
+        if inside:
+            self.progress.batch_in_epoch -= inside
+            self.say(f"WARNING: the resumed position falls {inside} micro-batch(es) into an accumulation "
+                     f"window of {accumulate}: continuing from batch {self.progress.batch_in_epoch} of epoch "
+                     f"{self.progress.epoch}, so those {inside} micro-batch(es) are trained on again")
+
+    def _next_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+
+    def _loader_ended(self, first_batch: int, steps_before: int, accumulate: int) -> None:
+        """The loader's iterator ended: start the next epoch, unless a whole epoch gave no step (a
+        loop that makes no progress raises instead of spinning, deaf to stop signals)."""
+        if first_batch == 0 and self.progress.step == steps_before:
+            raise ValueError(f"epoch {self.progress.epoch} of the loader gave fewer than accumulate="
+                             f"{accumulate} batches, so not one step: shrink the batch, accumulate less "
+                             "or give the loader more data")
+        self._next_epoch()
 
     def _drain(self, iterator: Iterator[Any], accumulate: int, per_epoch: Optional[int]) -> Iterator[Any]:
         """Group the loader's batches into steps and end each step, until max_steps or the end of
@@ -275,10 +307,10 @@ class Session:
         self.registry.register(STREAM, loader)
         self.start()
         while self.progress.step < self.cfg.trainer.max_steps:
+            first_batch, steps_before = self.progress.batch_in_epoch, self.progress.step
             yield from self._drain(iter(loader), accumulate, per_epoch=None)
             if self.progress.step < self.cfg.trainer.max_steps:  # the stream ended: a new epoch
-                self.progress.epoch += 1
-                self.progress.batch_in_epoch = 0
+                self._loader_ended(first_batch, steps_before, accumulate)
         self.finish()
 
     def micro_batches(self, model: torch.nn.Module, micro: list) -> Iterator[Any]:
@@ -300,15 +332,15 @@ class Session:
         if self._started:
             return
         self._started = True
+        self.checkpoints.lock()
+        if not self.checkpoints.resumes():
+            self.checkpoints.start_fresh()  # another run's checkpoints: refused, or set aside
+        # Opened only now: a fresh start may have set the earlier run's metrics file aside.
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
             enabled=self.env.is_main, sinks=[MetricsFile(metrics_path)] if metrics_path else [])
-        self.checkpoints.lock()
         ref = self.resume_point()
-        if not self.checkpoints.resumes() and self.checkpoints.holds_checkpoints():
-            self.say(f"WARNING: checkpoint.resume=false, but {self.store.root} holds checkpoints: "
-                     "this run starts fresh and overwrites checkpoints of the same steps")
         if ref is None:
             self.progress.data_unit = self._data_unit  # what batch_in_epoch counts, for a later resize
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank)  # distinct dropout per rank
@@ -357,10 +389,12 @@ class Session:
         self.progress.batch_in_epoch += batches
         step = self.progress.step
         self._reporter.update(step, self.metrics)
+        # Values belong to the step they were logged in; every save of this step (periodic, a
+        # stop's, save() between steps) finds its checkpoint.best_metric value there.
+        self._ended_metrics, self.metrics = self.metrics, {}
         last = step >= self.cfg.trainer.max_steps
         if step % self.cfg.checkpoint.every_steps == 0 or last or self._save_requested:
             self.save()
-        self.metrics = {}  # values belong to the step they were logged in
         if self._stop_reason:
             self._stop(self._stop_reason)
         if not last and self.clock.due(step):
@@ -396,8 +430,17 @@ class Session:
         self._save_requested = False
         if self._reporter is not None:
             self._reporter.flush()  # the metrics file holds every step the checkpoint holds
-        metric = self.metrics.get(self.cfg.checkpoint.best_metric) if self.cfg.checkpoint.best_metric else None
+        metric = self._best_metric()
         self.checkpoints.save(None if metric is None else float(metric))
+
+    def _best_metric(self) -> Optional[float]:
+        """The value of ``checkpoint.best_metric`` for the step being saved: logged since that step
+        ended (e.g. an evaluation between steps), else logged during it."""
+        name = self.cfg.checkpoint.best_metric
+        if not name:
+            return None
+        value = self.metrics.get(name, self._ended_metrics.get(name))
+        return None if value is None else float(value)
 
     def finish(self) -> None:
         """The run reached max_steps: make sure the final checkpoint is durable."""

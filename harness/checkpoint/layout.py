@@ -18,6 +18,7 @@ PAYLOAD_NAME = "state.safetensors"
 LEGACY_PAYLOAD_NAME = "state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
+SET_ASIDE_DIR = "set_aside"  # earlier runs' files, moved here by a fresh start (checkpoint.set_aside)
 HASH_CHUNK = 8 << 20  # bytes read or copied at a time
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, CheckpointRef
+from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, SET_ASIDE_DIR, CheckpointRef, step_of
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, seed_everything, versions)
@@ -120,10 +120,43 @@ class CheckpointManager:
 
         return on_rank0(newest_valid, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
 
-    def holds_checkpoints(self) -> bool:
-        """Whether the run folder already holds a complete checkpoint (rank 0 looks; all learn)."""
-        return on_rank0(lambda: self.store.latest_listed() is not None,
-                        f"could not list {self.store.root}", self.env.is_main)
+    def start_fresh(self) -> None:
+        """A first launch with ``checkpoint.resume=false``: make sure no earlier run's checkpoint can
+        be resumed, pruned or overwritten by this one (a collective).
+
+        A folder holding checkpoint folders (complete or partial) is refused with a clear error,
+        unless ``checkpoint.set_aside=true``: then rank 0 moves everything the earlier run left in the
+        folder (checkpoints, metrics, TensorBoard files, W&B run id) to ``set_aside/<UTC time>/``, so
+        this run's restarts and requeues find only their own checkpoints. Nothing is deleted.
+        """
+        on_rank0(self._set_aside_earlier_run, f"{self.store.root} holds another run's checkpoints",
+                 self.env.is_main)
+
+    def _set_aside_earlier_run(self) -> None:
+        found = sorted(name for name in self.store.storage.list_names() if step_of(name) is not None)
+        if not found:
+            return
+        newest = self.store.latest_listed()
+        described = f"{len(found)} checkpoint folder(s), newest complete step {newest.step if newest else 'none'}"
+        if not self.ckpt.set_aside:
+            raise CheckpointError(
+                f"checkpoint.resume=false, but {self.store.root} holds {described} of an earlier run; a "
+                "fresh run never resumes from, prunes or overwrites them. HINT: resume it (drop "
+                "checkpoint.resume=false), give this run its own checkpoint.dir (or name), or add "
+                f"checkpoint.set_aside=true to move them to {self.store.root}/{SET_ASIDE_DIR}/<UTC time>/")
+        root = self.store.storage.local_path("")
+        if root is None or self.ckpt.staging_dir:
+            raise CheckpointError(
+                f"checkpoint.set_aside=true moves files within a local folder; {self.store.root} is "
+                "remote or staged. HINT: move or delete its step_* folders yourself, or use another "
+                "checkpoint.dir")
+        target = os.path.join(root, SET_ASIDE_DIR, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        os.makedirs(target)
+        for name in sorted(os.listdir(root)):
+            if name not in (LOCK_NAME, SET_ASIDE_DIR):
+                os.rename(os.path.join(root, name), os.path.join(target, name))
+        self.say(f"checkpoint.resume=false: set aside the earlier run's {described} (and its metrics) "
+                 f"in {target}; starting fresh")
 
     def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None) -> None:
         """Restore ``ref`` on every rank; if any rank fails, all of them raise.

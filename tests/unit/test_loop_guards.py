@@ -1,0 +1,101 @@
+"""Loops that must end: resumed positions inside an accumulation window, loaders that run out before
+a step, and the metric a stop's checkpoint records. In-process, one rank, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from harness import Preempted, Session, validate
+from harness.env import DistEnv
+from unit.test_stream import NumberStream
+
+SINGLE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                 master_port=0, source="single")
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the body spins for longer than ``seconds``."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still looping after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _config(ckpt_dir: Path, max_steps: int, **checkpoint) -> object:
+    return validate({"trainer": {"max_steps": max_steps, "seed": 3, "num_threads": 1},
+                     "checkpoint": {"dir": str(ckpt_dir), "every_steps": 1000, **checkpoint}})
+
+
+def _train_accumulating(ckpt_dir: Path, max_steps: int, batch_size: int, accumulate: int = 4) -> Session:
+    data = TensorDataset(torch.randn(2048, 4))
+    with Session(_config(ckpt_dir, max_steps), env=SINGLE) as session:
+        model = session.prepare(torch.nn.Linear(4, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        session.register(optimizer=optimizer)
+        loader = session.loader(data, batch_size=batch_size)
+        for micro in session.batches(loader, accumulate=accumulate):
+            for (inputs,) in micro:
+                model(inputs).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return session
+
+
+def test_a_resume_inside_an_accumulation_window_restarts_the_window_and_runs_to_the_end(tmp_path):
+    # 3 steps x 4 micro-batches x 32 samples = 384 samples; with 64 per micro-batch that is 6
+    # micro-batches: half-way into the second window of 4. The old loop reloaded batch 30 forever.
+    _train_accumulating(tmp_path, max_steps=3, batch_size=32)
+    with deadline(60):
+        session = _train_accumulating(tmp_path, max_steps=20, batch_size=64)
+    assert session.step == 20
+    # Epoch 0 has 32 micro-batches of 64 = 8 steps; steps 4..11 finish it from batch 4 (7 steps), then
+    # epoch 1 starts at its beginning.
+    assert (session.progress.epoch, session.progress.batch_in_epoch) == (1, (20 - 3 - 7) * 4)
+
+
+def test_a_stream_with_fewer_batches_than_one_step_raises_instead_of_spinning(tmp_path):
+    cfg = _config(tmp_path, max_steps=10)
+    with deadline(60), pytest.raises(ValueError, match="fewer than accumulate=3 batches, so not one step"):
+        with Session(cfg, env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            loader = session.loader(NumberStream(length=6), batch_size=4)  # 2 batches per pass
+            for _ in session.batches(loader, accumulate=3):
+                model.zero_grad()
+
+
+def test_a_stream_that_ends_mid_window_starts_the_next_epoch(tmp_path):
+    cfg = _config(tmp_path, max_steps=6)
+    with deadline(60), Session(cfg, env=SINGLE) as session:
+        session.prepare(torch.nn.Linear(2, 1))
+        loader = session.loader(NumberStream(length=20), batch_size=4)  # 5 batches: 2 steps of 2
+        epochs = [session.progress.epoch for _ in session.batches(loader, accumulate=2)]
+    assert epochs == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_stops_checkpoint_records_the_best_metric_logged_in_its_step(tmp_path):
+    cfg = _config(tmp_path, max_steps=50, best_metric="loss", keep_best=1, keep_last=1)
+    with pytest.raises(Preempted) as stopped:
+        with Session(cfg, env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            loader = session.loader(NumberStream(length=200), batch_size=4)
+            for batch in session.batches(loader):
+                loss = model(batch).pow(2).mean()
+                session.log(loss=loss)
+                if session.step == 6:
+                    session.request_stop()
+    step = stopped.value.step
+    manifest = json.loads((tmp_path / f"step_{step:09d}" / "manifest.json").read_text())
+    assert manifest["metric"] is not None and manifest["metric"] > 0, manifest
