@@ -61,9 +61,9 @@ def test_a_resume_inside_an_accumulation_window_restarts_the_window_and_runs_to_
     with deadline(60):
         session = _train_accumulating(tmp_path, max_steps=20, batch_size=64)
     assert session.step == 20
-    # Epoch 0 has 32 micro-batches of 64 = 8 steps; steps 4..11 finish it from batch 4 (7 steps), then
-    # epoch 1 starts at its beginning.
-    assert (session.progress.epoch, session.progress.batch_in_epoch) == (1, (20 - 3 - 7) * 4)
+    # An epoch is 32 micro-batches of 64 = 8 steps: steps 4-10 finish epoch 0 from batch 4, steps
+    # 11-18 are epoch 1, steps 19-20 start epoch 2.
+    assert (session.progress.epoch, session.progress.batch_in_epoch) == (2, 8)
 
 
 def test_a_stream_with_fewer_batches_than_one_step_raises_instead_of_spinning(tmp_path):
