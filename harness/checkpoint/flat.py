@@ -190,4 +190,7 @@ def _view(mapped: mmap.mmap, start: int, entry: dict) -> torch.Tensor:
     count = (end - begin) // dtype.itemsize
     if count == 0:
         return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(entry["shape"])
+    storage = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).untyped_storage()
+    # Not ``.view(shape)``: a view keeps its 1-D base alive, so a state that later gets memory of its
+    # own (payload.own_memory) would still hold the file's map through that base.
+    return torch.empty(0, dtype=dtype).set_(storage, 0, entry["shape"])

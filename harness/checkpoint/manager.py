@@ -25,7 +25,7 @@ from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, SET_ASIDE_DIR, CheckpointRef, step_of
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
-                                        extract_model_state, seed_everything, versions)
+                                        extract_model_state, own_memory, seed_everything, versions)
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.writer import CheckpointWriter
@@ -210,6 +210,7 @@ class CheckpointManager:
         started = time.perf_counter()
         payload = self._load_payload(ref, node_copy)
         self.registry.load_state_dict(payload[KEY_STATE])
+        own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
         self.progress.load_state_dict(payload[KEY_PROGRESS])
         self._remap(payload[KEY_RNG], data_unit)
         self.last_saved_step = self.progress.step

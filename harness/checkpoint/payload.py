@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -99,6 +99,39 @@ class StateRegistry:
         extra = sorted(set(states) - set(self._objects))
         if extra:
             log.warning("checkpoint holds state for %s, which nothing registered; ignored", extra)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def own_memory(registry: StateRegistry, payload: dict) -> int:
+    """Give every tensor that a registered object kept from ``payload`` memory of its own; returns
+    how many were copied.
+
+    The payload's tensors view the checkpoint file's memory map, and ``load_state_dict`` may keep
+    them as they are (a CPU optimizer's moments and step counters: ``Tensor.to`` of the same device
+    and dtype returns the tensor itself). Such a state would keep the file mapped for the whole run,
+    so deleting the checkpoint (retention) would free no disk space (and leave ``.nfs*`` files on NFS).
+    Only tensors reachable through ``state_dict()`` are found: an object that keeps a loaded tensor
+    it does not return there still holds the map.
+    """
+    mapped = {tensor.untyped_storage().data_ptr() for tensor in _tensors(payload) if tensor.device.type == "cpu"}
+    mapped.discard(0)  # empty tensors own no memory
+    copied = 0
+    with torch.no_grad():
+        for tensor in _tensors(registry.state_dict()):
+            if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in mapped:
+                tensor.set_(tensor.clone())
+                copied += 1
+    return copied
 
 
 def capture_rng() -> dict:
