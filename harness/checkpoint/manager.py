@@ -230,17 +230,19 @@ class CheckpointManager:
         DDP state is replicated, so weights and optimizer carry over exactly on any world size. With
         the harness's loader the sample order and each sample's augmentation depend on (seed, epoch,
         position) only, so when the samples per step are kept the data stream continues exactly;
-        what cannot be kept is each rank's own RNG stream (dropout), reseeded here.
+        what cannot be kept on another world size is each rank's own RNG stream (dropout), reseeded
+        here: the run then continues as a statistically equivalent run, not the same one.
         """
         saved_world = len(rng_per_rank)
         saved_unit = self.progress.data_unit
         if saved_unit is None and data_unit is not None:  # a file from before data_unit existed
             saved_unit = data_unit // self.env.world_size * saved_world
         same_data = saved_unit is None or data_unit is None or saved_unit == data_unit
-        if saved_world == self.env.world_size and same_data:
-            self.pending_rng = rng_per_rank[self.env.rank]
-            self.progress.data_unit = data_unit or saved_unit
-            return
+        if saved_world == self.env.world_size:
+            self.pending_rng = rng_per_rank[self.env.rank]  # each rank's stream continues
+            if same_data:
+                self.progress.data_unit = data_unit or saved_unit
+                return
         if saved_unit is not None and data_unit is not None:
             samples_done = self.progress.batch_in_epoch * saved_unit
             self.progress.batch_in_epoch, partial = divmod(samples_done, data_unit)
@@ -255,11 +257,17 @@ class CheckpointManager:
         self.progress.data_unit = data_unit
         if saved_world != self.env.world_size:
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank + 7919 * self.progress.step)
+        if saved_world == self.env.world_size:
+            randomness = ("each rank's RNG continues, but its draws now fall on other samples, so a "
+                          "model with dropout or other random layers continues as a different run")
+        else:
+            randomness = ("randomness drawn on the ranks (dropout, stochastic depth, noise) comes from "
+                          "new per-rank streams, so a model with such layers continues as a statistically "
+                          "equivalent run, not the same one; without them weights follow an "
+                          "uninterrupted run to floating-point reduction order")
         self.say(f"WARNING: checkpoint was written by {saved_world} ranks, this run has "
                  f"{self.env.world_size}: weights, optimizer and step carry over exactly; {data} "
-                 f"(batch {self.progress.batch_in_epoch} of epoch {self.progress.epoch}); per-rank RNG "
-                 "streams (dropout) are reseeded and reduction order changes, so weights match an "
-                 "uninterrupted run to floating-point rounding, not bit for bit")
+                 f"(batch {self.progress.batch_in_epoch} of epoch {self.progress.epoch}); {randomness}")
 
     def _warn_config_changes(self, saved: dict) -> None:
         old = (saved.get("trainer") or {}).get("max_steps")

@@ -60,7 +60,7 @@ def test_a_second_job_on_the_same_folder_is_refused_while_the_first_runs(tmp_pat
     finally:
         kill_tree(first)
     # SIGKILL released the lock with the process: a relaunch is not refused.
-    third = run_launch(ckpt_dir, "trainer.max_steps=2", "checkpoint.resume=false")
+    third = run_launch(ckpt_dir, "trainer.max_steps=2", "checkpoint.resume=false", "checkpoint.set_aside=true")
     assert third.returncode == 0, third.stdout + third.stderr
 
 
@@ -85,8 +85,8 @@ def test_sigterm_during_the_start_up_of_8_ranks_stops_every_rank_without_a_hang(
 def test_resume_false_applies_to_the_first_launch_only(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     assert run_launch(ckpt_dir, "trainer.max_steps=40").returncode == 0  # an older run in the folder
-    launcher = start_launch(ckpt_dir, "checkpoint.resume=false", "launcher.max_restarts=1",
-                            log_path=tmp_path / "job.log")
+    launcher = start_launch(ckpt_dir, "checkpoint.resume=false", "checkpoint.set_aside=true",
+                            "launcher.max_restarts=1", log_path=tmp_path / "job.log")
     try:
         pids = worker_pids(launcher)
         # The fresh run passes step 60 (beyond the old run's 40), then a rank is preempted.
