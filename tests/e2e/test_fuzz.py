@@ -20,8 +20,9 @@ import fuzz  # noqa: E402
 def test_random_faults_never_lose_a_committed_checkpoint_and_relaunches_end_bit_identical(tmp_path, capsys):
     seed = int(os.environ.get("HARNESS_FUZZ_SEED", "2026"))
     trials = int(os.environ.get("HARNESS_FUZZ_TRIALS", "8"))
+    required = ["--require-s3"] if os.environ.get("HARNESS_REQUIRE_ALL") == "1" else []
     code = fuzz.main(["--trials", str(trials), "--seed", str(seed), "--workdir", str(tmp_path),
-                      "--report", str(tmp_path / "report.json")])
+                      "--report", str(tmp_path / "report.json"), *required])
     out = capsys.readouterr().out
     assert code == 0, f"seed {seed}:\n{out}"
     assert out.count(": ok") == trials, out
@@ -32,12 +33,10 @@ def test_the_fuzzers_checks_see_a_lost_checkpoint_and_a_changed_state(tmp_path):
     checkpoint and on a state that differs by one value."""
     import torch
     from harness.checkpoint.format import encode
-    from harness.checkpoint.storage import LocalStorage
-    from harness.checkpoint.store import CheckpointStore
 
-    store = CheckpointStore(LocalStorage(str(tmp_path)))
-    store.commit(8, encode({"w": torch.zeros(2)}).write_to, {})
+    target = fuzz.Target(str(tmp_path))
+    target.store().commit(8, encode({"w": torch.zeros(2)}).write_to, {})
     trial = fuzz.Trial(index=0, kind="control", asynchronous=False)
-    assert fuzz.check_folder(tmp_path, floor=12, trial=trial) == 8
+    assert fuzz.check_folder(target, floor=12, trial=trial) == 8
     assert trial.violations == ["newest valid step 8 < 12, committed before the fault"]
     assert fuzz.differences({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, 1e-30])}) == ["/w"]

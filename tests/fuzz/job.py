@@ -24,13 +24,14 @@ KEEP_LAST = 2
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dir", required=True, help="checkpoint folder")
+    parser.add_argument("--dir", required=True, help="checkpoint folder or s3:// URL")
+    parser.add_argument("--staging", default=None, help="checkpoint.staging_dir (commit here, upload to --dir)")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--fault", default="", help="a FaultPlan as JSON")
     args = parser.parse_args()
     cfg = validate({"trainer": {"max_steps": STEPS, "seed": 7, "num_threads": 1, "log_every": 1000},
                     "checkpoint": {"dir": args.dir, "every_steps": EVERY, "keep_last": KEEP_LAST,
-                                   "async_save": args.async_save}})
+                                   "async_save": args.async_save, "staging_dir": args.staging}})
     with Session(cfg, env=SINGLE) as session:
         if args.fault:
             store = session.checkpoints.store
