@@ -35,7 +35,8 @@ from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.payload import MODEL, STREAM, Progress, StateRegistry, restore_rng, seed_everything
-from harness.collectives import Peer, describe_lost_peer, gather_peers
+from harness.checkpoint.folder import check_run_folders
+from harness.collectives import Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
@@ -300,6 +301,7 @@ class Session:
         if self._started:
             return
         self._started = True
+        self._check_run_folder()
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
@@ -324,6 +326,13 @@ class Session:
                 self._reporter.add_sink(sink)
         self._reporter.start_step = self.progress.step
         self._reporter.started = time.perf_counter()
+
+    def _check_run_folder(self) -> None:
+        """Before anything is written or trained: rank 0 checks that the checkpoint folder can be
+        written (the launcher did too, but scripts also run without it); every rank learns the
+        outcome, so all of them stop with one CheckpointError instead of training until the first save."""
+        on_rank0(lambda: check_run_folders(self.cfg.checkpoint.dir, self.cfg.checkpoint.staging_dir),
+                 "the checkpoint folder cannot be used", self.env.is_main)
 
     @property
     def store(self):
