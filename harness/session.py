@@ -40,7 +40,7 @@ from harness.collectives import Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
-from harness.sinks import MetricsFile, open_sinks
+from harness.sinks import open_metrics_file, open_sinks
 from harness.stop.agreement import AgreementClock, Preempted, agree, grace_warning
 from harness.stop.flag import StopFlag, describe_reason
 from harness.stop.spot import SpotPoller
@@ -305,7 +305,7 @@ class Session:
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
-            enabled=self.env.is_main, sinks=[MetricsFile(metrics_path)] if metrics_path else [])
+            enabled=self.env.is_main, sinks=open_metrics_file(metrics_path))
         self.checkpoints.lock()
         ref = self.resume_point()
         if not self.checkpoints.resumes() and self.checkpoints.holds_checkpoints():
