@@ -34,6 +34,7 @@ from harness.checkpoint.storage.local import LocalStorage
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for `cat`, `grep`... whose reader went away
 
 SHA256_SUFFIX = ".sha256"  # OUT.sha256 holds "<hex>  <name>", the format `sha256sum -c` reads
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -424,7 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run one command; its exit code. A reader that went away (``... | head``) ends it quietly."""
     args = build_parser().parse_args(argv)
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python's recipe (docs: signal, "Note on SIGPIPE"): point stdout at /dev/null so the flush at
+        # interpreter exit cannot raise again, and exit like a tool killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "inspect":
             report = describe(args.path, unsafe=args.unsafe)

@@ -2,7 +2,9 @@
 
 Without these, a rank that raises leaves its peers waiting in the next collective until
 ``trainer.collective_timeout_s`` (30 minutes by default). Every helper here is a collective: every
-rank must call it, in the same order. Errors name the failing rank(s).
+rank must call it, in the same order. Errors name the failing rank(s), and carry them as
+``failed_ranks`` (FAILED_RANKS): a rank not in it only relays what another rank reports, so the
+worker leaves the reporting to the failing rank instead of printing the same failure from every rank.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from harness.checkpoint.errors import CheckpointError
+
+FAILED_RANKS = "failed_ranks"  # attribute of a collective's error: the ranks whose failure it reports
 
 
 def distributed() -> bool:
@@ -40,7 +44,7 @@ def on_rank0(work: Callable[[], Any], failure: str, is_main: bool,
     if distributed():
         dist.broadcast_object_list(shared, src=0)
     if shared[1] is not None:
-        raise error_type(f"{failure} (rank 0): {shared[1]}") from error
+        raise _failed_on(error_type(f"{failure} (rank 0): {shared[1]}"), [0]) from error
     return shared[0]
 
 
@@ -61,7 +65,12 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
         raise error
     ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
     if ranks:
-        raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")
+        raise _failed_on(CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs"), ranks)
+
+
+def _failed_on(error: Exception, ranks: list[int]) -> Exception:
+    setattr(error, FAILED_RANKS, tuple(ranks))
+    return error
 
 
 # gloo names the peer whose connection dropped: "Connection closed by peer [10.77.0.12]:57993",

@@ -7,14 +7,22 @@ start, before any process is launched. This module imports nothing else from the
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
+import inspect
+import io
 import signal
+import textwrap
+import tokenize
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, restart me"
+CONFIG_ERROR_EXIT_CODE = 2  # invalid configuration (the usage-error code of command-line tools)
 BEST_MODES = ("min", "max")
 SPOT_PROVIDERS = ("aws", "gcp", "azure")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -255,11 +263,18 @@ def _has_control(text: str) -> bool:
     return any(ord(char) < 32 or ord(char) == 127 for char in text)
 
 
-def register_configs() -> None:
-    """Register the schema so conf/*.yaml presets are checked against it."""
+HELP_APP_NAME = "harness.launch"
+
+
+def register_configs(help_template: str = "$FLAGS_HELP") -> None:
+    """Register the schema so conf/*.yaml presets are checked against it, and ``--help``'s text
+    (``hydra/help: harness`` in conf/config.yaml; the launcher passes the text generated from this
+    schema, already escaped for Hydra)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
+    store.store(group="hydra/help", name="harness",
+                node={"app_name": HELP_APP_NAME, "header": "", "footer": "", "template": help_template})
     store.store(name="harness_schema", node=HarnessConfig)
     for name, schema in LAUNCHERS.items():
         store.store(group="launcher", name=f"{name}_schema", node=schema)
@@ -285,3 +300,85 @@ def validate(data: dict | DictConfig) -> HarnessConfig:
     schema.launcher = OmegaConf.structured(LAUNCHERS[backend])
     merged = OmegaConf.merge(schema, plain)
     return OmegaConf.to_object(merged)
+
+
+@dataclass(frozen=True)
+class SchemaKey:
+    """One key a user can set, read from the schema (what ``--help`` lists and typos are matched to)."""
+
+    key: str  # dotted, e.g. "trainer.max_steps"
+    default: str  # as written on a command line ("null", "[]", "???" when a preset must give it)
+    comment: str  # the field's comment in this module
+    launcher: Optional[str] = None  # the launcher=... preset that has this key; None: every run
+
+
+def schema_keys() -> list[SchemaKey]:
+    """Every settable key, in schema order: the top-level keys and sections, then each launcher's.
+
+    Generated from the dataclasses (names, defaults, and the one-line comment each field carries), so
+    ``--help`` cannot drift from the schema. Mappings the presets fill in (``task.model``, ...) are one
+    key each: their contents are free-form.
+    """
+    keys: list[SchemaKey] = []
+    for name, launcher_cls in LAUNCHERS.items():
+        keys += _section_keys(launcher_cls, "launcher.", launcher=name, skip=("backend",))
+    return _section_keys(HarnessConfig, "") + keys
+
+
+def _section_keys(cls: type, prefix: str, launcher: Optional[str] = None, skip: tuple = ()) -> list[SchemaKey]:
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    keys: list[SchemaKey] = []
+    for item in dataclasses.fields(cls):
+        if item.name in skip or (cls is HarnessConfig and item.name == "launcher"):
+            continue  # the launcher's keys are listed per preset
+        nested = _dataclass_in(hints[item.name])
+        if nested is not None:
+            keys += _section_keys(nested, f"{prefix}{item.name}.", launcher)
+            continue
+        keys.append(SchemaKey(f"{prefix}{item.name}", _render_default(item), comments.get(item.name, ""),
+                              launcher))
+    return keys
+
+
+def _dataclass_in(hint: Any) -> Optional[type]:
+    """The dataclass a field holds (also inside Optional[...]), or None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _render_default(item: dataclasses.Field) -> str:
+    if item.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return _as_override(item.default_factory())  # type: ignore[misc]
+    return _as_override(item.default)
+
+
+def _as_override(value: Any) -> str:
+    """A value as it is written in a Hydra override (``null``, ``true``, ``[a,b]``, ``???``: required)."""
+    if value is MISSING or value is dataclasses.MISSING:
+        return "???"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_as_override, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_as_override(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment at the end of its line} from this module's source (the schema's docs)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped: keys and defaults are still listed
+        return {}
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    return {node.target.id: comments.get(node.end_lineno or node.lineno, "")
+            for node in ast.parse(source).body[0].body  # type: ignore[attr-defined]
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}

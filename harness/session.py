@@ -35,11 +35,12 @@ from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.payload import MODEL, STREAM, Progress, StateRegistry, restore_rng, seed_everything
-from harness.collectives import Peer, describe_lost_peer, gather_peers
+from harness.checkpoint.folder import check_run_folders
+from harness.collectives import Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
-from harness.sinks import MetricsFile, open_sinks
+from harness.sinks import open_metrics_file, open_sinks
 from harness.stop.agreement import AgreementClock, Preempted, agree, grace_warning
 from harness.stop.flag import StopFlag, describe_reason
 from harness.stop.spot import SpotPoller
@@ -332,6 +333,7 @@ class Session:
         if self._started:
             return
         self._started = True
+        self._check_run_folder()
         self.checkpoints.lock()
         if not self.checkpoints.resumes():
             self.checkpoints.start_fresh()  # another run's checkpoints: refused, or set aside
@@ -339,7 +341,7 @@ class Session:
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
-            enabled=self.env.is_main, sinks=[MetricsFile(metrics_path)] if metrics_path else [])
+            enabled=self.env.is_main, sinks=open_metrics_file(metrics_path))
         ref = self.resume_point()
         if ref is None:
             self.progress.data_unit = self._data_unit  # what batch_in_epoch counts, for a later resize
@@ -356,6 +358,13 @@ class Session:
                 self._reporter.add_sink(sink)
         self._reporter.start_step = self.progress.step
         self._reporter.started = time.perf_counter()
+
+    def _check_run_folder(self) -> None:
+        """Before anything is written or trained: rank 0 checks that the checkpoint folder can be
+        written (the launcher did too, but scripts also run without it); every rank learns the
+        outcome, so all of them stop with one CheckpointError instead of training until the first save."""
+        on_rank0(lambda: check_run_folders(self.cfg.checkpoint.dir, self.cfg.checkpoint.staging_dir),
+                 "the checkpoint folder cannot be used", self.env.is_main)
 
     @property
     def store(self):

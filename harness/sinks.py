@@ -162,6 +162,17 @@ def open_sinks(cfg: HarnessConfig, resumed_step: int, new_run: bool,
     return sinks
 
 
+def open_metrics_file(path: Optional[str]) -> list[Sink]:
+    """Rank 0's metrics file (``trainer.metrics_file``, or ``<checkpoint.dir>/metrics.jsonl``; None:
+    no file), or no sink and a warning when it cannot be opened (a file where its folder should be, a
+    read-only folder): like a failed write later, it never stops training, and rank 0 does not
+    leave the other ranks waiting for it with a raw OSError."""
+    sinks: list[Sink] = []
+    if path:
+        _open_or_warn(sinks, f"the metrics file {path}", lambda: MetricsFile(path))
+    return sinks
+
+
 def _open_or_warn(sinks: list[Sink], what: str, opener: Callable[[], Sink]) -> None:
     try:
         sinks.append(opener())

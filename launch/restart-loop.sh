@@ -19,7 +19,9 @@
 #     script then exits with the job's code.
 #
 # The job runs in its own process group (set -m), so a Ctrl-C in the terminal reaches the job exactly
-# once, through this script; a second SIGINT would make the harness stop without saving.
+# once, through this script; a second SIGINT would make the harness stop without saving. Started with
+# SIGINT ignored (in the background of a script without job control), the script restarts itself with
+# SIGINT restored (coreutils `env --default-signal`), so `kill -INT` still stops the job.
 #
 # Environment:
 #   HARNESS_MAX_RESTARTS     restarts allowed after exit 75 (default 100)
@@ -33,6 +35,19 @@ readonly MAX_RESTARTS="${HARNESS_MAX_RESTARTS:-100}"
 readonly RESTART_DELAY_S="${HARNESS_RESTART_DELAY_S:-5}"
 
 say() { echo "[restart-loop] $*" >&2; }
+
+# A non-interactive bash cannot trap a signal that was ignored when it started (POSIX: `trap` then
+# fails silently). Shells without job control start `cmd &` with SIGINT ignored, so a loop started
+# in the background by a script, a CI runner or a test harness would never forward a Ctrl-C or a
+# `kill -INT` to the job, which trains on. Start again with SIGINT back to its default, so it is a
+# stop signal like the others (as it is for `python -m harness.launch`, which sets its own handler).
+# Other ignored signals are left alone: `nohup` ignores SIGHUP on purpose.
+if [[ "$(trap -p INT)" == "trap -- '' SIGINT" ]]; then
+    if [[ -z "${HARNESS_RESTART_LOOP_SIGINT_RESET:-}" ]] && env --default-signal=INT true 2>/dev/null; then
+        HARNESS_RESTART_LOOP_SIGINT_RESET=1 exec env --default-signal=INT "$BASH" "$0" "$@"
+    fi
+    say "SIGINT was ignored when this script started and cannot be forwarded; stop the job with SIGTERM"
+fi
 
 if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
     say "HARNESS_MAX_RESTARTS=$MAX_RESTARTS is invalid: expected an integer >= 0"

@@ -262,9 +262,17 @@ apt_quiet() {
 
 # --- config ------------------------------------------------------------------
 
+# cpu_count: the CPUs this machine lets us run on. Plain `nproc` honours
+# OMP_NUM_THREADS and OMP_THREAD_LIMIT (GNU coreutils): with OMP_NUM_THREADS=1
+# exported, the node would offer 1 CPU and every 2-rank job would be refused.
+# Without them, nproc still counts only the CPUs in our affinity mask (cgroups).
+cpu_count() {
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
 write_config() {
     local cpus mem_mb ctld_host nodes_lines slurmd_paths names n
-    cpus=$(nproc)
+    cpus=$(cpu_count)
     # Leave ~10% of memory to the OS; SLURM refuses a node that reports less
     # memory than RealMemory. Several nodes share the machine's memory.
     mem_mb=$(awk -v n="$NODES" '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9 / n}' /proc/meminfo)

@@ -18,7 +18,7 @@ from typing import IO, Callable, Iterable, Optional
 
 from harness.checkpoint import checksum
 from harness.checkpoint.layout import PAYLOAD_NAME, CheckpointRef, manifest_path, step_dir_name, step_of
-from harness.checkpoint.errors import CheckpointError
+from harness.checkpoint.errors import CheckpointError, write_hint
 from harness.checkpoint.storage import Storage
 
 log = logging.getLogger("harness")
@@ -105,7 +105,7 @@ class CheckpointStore:
                 "no earlier checkpoint exists"
             raise CheckpointError(
                 f"could not write checkpoint step {step} to {self.root}/{name}: {error}; {kept}. "
-                "HINT: free disk space or point checkpoint.dir at a writable folder") from error
+                f"{write_hint(error)}") from error
         return CheckpointRef(step=step, name=name, manifest=manifest)
 
     def _read_manifest(self, name: str) -> tuple[Optional[dict], bool]:

@@ -23,6 +23,7 @@ import yaml
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
 from harness.progress import say as report_line
 from harness.env import CONFIG_ENV, free_port
+from harness.launch.worker import EXIT_INTERRUPTED
 from harness.stop.flag import LAUNCHER_SIGNALS
 
 # The launcher catches LAUNCHER_SIGNALS. The ranks get only their configured stop signals
@@ -143,14 +144,14 @@ def _wait(group: WorkerGroup) -> int:
                     if code is not None and code not in (0, PREEMPTED_EXIT_CODE) and code not in forwarded]
         if failures and failed_at is None:
             failed_at = time.monotonic()
-            for rank, code in failures:
-                say(f"rank {rank} (pid {group.procs[rank].pid}) failed with {describe_exit(code)}; "
-                    "stopping the other ranks")
+            _report_failures(group, failures, running=any(code is None for code in codes))
         if all(code is not None for code in codes):
             break
         if failed_at is not None and time.monotonic() - failed_at > KILL_AFTER_FAILURE_S:
             group.kill_all()
         time.sleep(POLL_S)
+    if any(code == EXIT_INTERRUPTED for _, code in failures):
+        return EXIT_INTERRUPTED  # the others failed because of it (a peer gone mid-collective)
     if failures:
         return failures[0][1] if failures[0][1] > 0 else 128 - failures[0][1]
     if any(code in forwarded for code in codes):
@@ -158,6 +159,20 @@ def _wait(group: WorkerGroup) -> int:
             "newest checkpoint")
         return PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+
+
+def _report_failures(group: WorkerGroup, failures: list[tuple[int, int]], running: bool) -> None:
+    """One line per exit code of the ranks that failed together (the ranks say why); a rank stopped
+    by a second Ctrl-C (exit 130) did what was asked, so that is said once, not reported as a crash."""
+    codes = sorted({code for _, code in failures if code != EXIT_INTERRUPTED})
+    for code in codes:
+        ranks = [rank for rank, failed in failures if failed == code]
+        names = ", ".join(f"{rank} (pid {group.procs[rank].pid})" for rank in ranks)
+        say(f"rank{'s' if len(ranks) > 1 else ''} {names} failed with {describe_exit(code)}"
+            + ("; stopping the other ranks" if running else ""))
+    if any(code == EXIT_INTERRUPTED for _, code in failures):
+        say(f"job stopped without saving at your request (second Ctrl-C); exit code {EXIT_INTERRUPTED}. "
+            "Relaunch the same command to resume from the newest checkpoint")
 
 
 def describe_exit(code: int) -> str:

@@ -23,8 +23,7 @@ from harness.stop.flag import LAUNCHER_SIGNALS, StopFlag
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
-
-
+INTERRUPTED_MESSAGE = "stopped without saving at your request (second Ctrl-C); the newest checkpoint is kept"
 
 
 def install_stop_flag(config_data: dict) -> StopFlag:
@@ -46,14 +45,15 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
     from harness.stop.agreement import Preempted
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    env = read_env()
     try:
         cfg = validate(config_data)
-    except ValueError as error:  # ConfigError and OmegaConf's validation errors
+    except ValueError as error:  # ConfigError and OmegaConf's validation errors: the same on every rank
         if flag is not None:
             flag.uninstall()
-        print(f"config error: {error}", file=sys.stderr, flush=True)
+        if env.is_main:
+            print(f"harness: invalid configuration: {error}", file=sys.stderr, flush=True)
         return EXIT_ERROR
-    env = read_env()
     try:
         if cfg.script:
             return run_script(cfg.script, list(cfg.script_args), config_data)
@@ -66,9 +66,38 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
         print(f"[rank {env.rank}] stopped at step {stop.step} ({stop.reason})", file=sys.stderr, flush=True)
         return stop.code
     except KeyboardInterrupt:
-        print(f"[rank {env.rank}] interrupted twice: stopped without saving", file=sys.stderr, flush=True)
+        if env.is_main:
+            print(f"harness: {INTERRUPTED_MESSAGE}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception as error:
+        if not report_known_error(error, env.rank):
+            raise  # a bug: main() prints its traceback
+        return EXIT_ERROR
     return EXIT_OK
+
+
+def report_known_error(error: BaseException, rank: int) -> bool:
+    """Report a known condition in one line, ``harness: <message>``, from the rank that hit it; True
+    when ``error`` was one (the rank then exits 1 without a traceback), False for anything else.
+
+    Known conditions are CheckpointError (a folder in use by another job, a full disk, a folder that
+    cannot be written, ...) and ConfigError: their message says what happened and what to do. An
+    error a collective raised because OTHER ranks failed (``failed_ranks``, harness.collectives) is
+    reported by those ranks, so this rank stays quiet, whatever the cause. A bug keeps its traceback.
+    """
+    from harness.checkpoint.errors import CheckpointError
+    from harness.collectives import FAILED_RANKS
+    from harness.config import ConfigError
+
+    failed = getattr(error, FAILED_RANKS, None)
+    if failed is not None and rank not in failed:
+        return True
+    if failed is not None and error.__cause__ is not None:
+        error = error.__cause__  # on the failing rank: its own error, not the collective's summary
+    if not isinstance(error, (CheckpointError, ConfigError)):
+        return False
+    print(f"harness: {error}", file=sys.stderr, flush=True)
+    return True
 
 
 def run_script(path: str, args: list[str], config_data: dict) -> int:
@@ -101,7 +130,8 @@ def entrypoint(main: Callable[[], object]) -> NoReturn:
     """Run ``main()`` as the whole life of a rank, then exit without torch's teardown.
 
     Exit codes: 0 when ``main`` returns, 75 when it raised Preempted (checkpoint saved, restart
-    me), 130 after a second Ctrl-C, 1 on any other error (traceback printed). The process exits with
+    me), 130 after a second Ctrl-C, 1 on any other error: one line ``harness: <message>`` for a
+    CheckpointError or ConfigError (see ``report_known_error``), a traceback for anything else. The process exits with
     ``os._exit`` after flushing output: a late signal during interpreter teardown, or torch's
     occasional process-group destructor abort ("terminate called without an active exception"),
     can then no longer turn a finished rank into a crash. Use it as your script's last line::
@@ -115,10 +145,12 @@ def entrypoint(main: Callable[[], object]) -> NoReturn:
     except SystemExit as done:  # Preempted is a SystemExit with code 75
         code = _exit_code(done.code)
     except KeyboardInterrupt:
-        print("interrupted twice: stopped without saving", file=sys.stderr)
+        print(f"harness: {INTERRUPTED_MESSAGE}", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except BaseException:
-        print(f"[rank {os.environ.get('RANK', '?')}] failed:\n{traceback.format_exc()}", file=sys.stderr)
+    except BaseException as error:
+        rank = os.environ.get("RANK", "0")
+        if not (isinstance(error, Exception) and report_known_error(error, int(rank) if rank.isdigit() else 0)):
+            print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr)
         code = EXIT_ERROR
     exit_now(code)
 

@@ -336,3 +336,15 @@ def test_command_line_entry_point_exits_with_the_diff_verdict(trained):
     assert same.returncode == 0 and "identical" in same.stdout
     different = run("diff", str(root / step_dir_name(1)), str(root / step_dir_name(2)))
     assert different.returncode == 1 and "DIFFERENT" in different.stdout
+
+
+def test_a_reader_that_stops_early_ends_inspect_quietly(trained):
+    """``python -m harness.ckpt inspect ... | head``: the reader is gone before inspect writes (its end
+    of the pipe is closed at once, long before the tool has imported torch)."""
+    root, _, _ = trained
+    proc = subprocess.Popen([sys.executable, "-m", "harness.ckpt", "inspect", str(root / step_dir_name(2))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr  # 128 + SIGPIPE, as a shell shows for `cat` or `grep`
+    assert stderr == "", "no BrokenPipeError traceback, nothing at all"

@@ -131,3 +131,14 @@ def test_a_run_without_sinks_imports_neither_tensorboard_nor_wandb():
             "assert not {'tensorboard', 'wandb'} & set(sys.modules), {'tensorboard', 'wandb'} & set(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_metrics_file_that_cannot_be_opened_is_left_out_with_one_warning(tmp_path, caplog):
+    from harness.sinks import open_metrics_file
+
+    (tmp_path / "taken").write_text("a file where the metrics file's folder should be")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        assert open_metrics_file(str(tmp_path / "taken" / "metrics.jsonl")) == []
+    assert len(caplog.records) == 1 and "could not open the metrics file" in caplog.text
+    assert len(open_metrics_file(str(tmp_path / "ok" / "metrics.jsonl"))) == 1
+    assert open_metrics_file(None) == []
