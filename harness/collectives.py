@@ -50,18 +50,21 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
     The failing rank re-raises its own error; the others raise CheckpointError naming which ranks
     failed, so every log says where to look.
     """
+    ranks = failed_ranks(error, device)
+    if error is not None:
+        raise error
+    if ranks:
+        raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")
+
+
+def failed_ranks(error: Optional[BaseException], device: torch.device) -> list[int]:
+    """Every rank passes its own error (or None); every rank learns which ranks failed."""
     if not distributed():
-        if error is not None:
-            raise error
-        return
+        return [] if error is None else [0]
     failed = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
     failed[dist.get_rank()] = int(error is not None)
     dist.all_reduce(failed, op=dist.ReduceOp.SUM)
-    if error is not None:
-        raise error
-    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
-    if ranks:
-        raise CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs")
+    return [rank for rank, flag in enumerate(failed.tolist()) if flag]
 
 
 # gloo names the peer whose connection dropped: "Connection closed by peer [10.77.0.12]:57993",

@@ -241,9 +241,12 @@ class CheckpointStore:
         with self.storage.open_read(rel) as handle:
             return checksum.of_stream(handle, checksum.algorithm_of(like))
 
-    def latest_valid(self, verify: bool = True) -> Optional[CheckpointRef]:
-        """The newest checkpoint that passes verification; corrupt newer ones are skipped with a warning."""
+    def latest_valid(self, verify: bool = True, below: Optional[int] = None) -> Optional[CheckpointRef]:
+        """The newest checkpoint (of a step below ``below``, if given) that passes verification;
+        corrupt newer ones are skipped with a warning."""
         for ref in reversed(self.list_complete()):
+            if below is not None and ref.step >= below:
+                continue
             found = self.problems(ref, verify=verify)
             if not found:
                 return ref

@@ -392,3 +392,52 @@ def test_verify_lists_every_step_folder_and_fails_on_any_that_is_not_ok(tmp_path
     capsys.readouterr()
     assert ckpt_main(["verify", str(root)]) == 0  # negative control: a healthy folder
     assert capsys.readouterr().out.splitlines() == ["step_000000010: OK", "step_000000030: OK"]
+
+
+# ---- 12 (continued): a payload that verifies but cannot be read --------------------------------------
+
+def _train(root: Path, max_steps: int):
+    """A one-process run of the real Session, saving every 4 steps; returns the session."""
+    from harness import Session
+    from harness.config import validate
+    from harness.env import DistEnv
+
+    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=0, source="single")
+    cfg = validate({"trainer": {"max_steps": max_steps, "num_threads": 1},
+                    "checkpoint": {"dir": str(root), "every_steps": 4, "keep_last": 0}})
+    with Session(cfg, env=single) as session:
+        model = session.prepare(torch.nn.Linear(2, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        session.register(optimizer=optimizer)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 2))
+        for (batch,) in session.batches(session.loader(data, batch_size=4)):
+            model(batch).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return session
+
+
+def test_a_payload_that_verifies_but_cannot_be_read_falls_back_to_the_previous_checkpoint(tmp_path, capsys, caplog):
+    from harness.checkpoint.format import read_payload
+
+    root = tmp_path / "run"
+    _train(root, max_steps=8)
+    newest = root / "step_000000008"
+    payload = read_payload(str(newest / "state.safetensors"))
+    payload["format_version"] = 99  # a payload format this harness does not read...
+    file = encode(payload)
+    with open(newest / "state.safetensors.new", "wb") as handle:
+        file.write_to(handle)
+    os.replace(newest / "state.safetensors.new", newest / "state.safetensors")
+    _rewrite_payload(newest, lambda data: data)  # ...in a file whose manifest, size, checksum, header agree
+    store = CheckpointStore(LocalStorage(str(root)))
+    assert store.problems(store.latest_listed()) == []  # verification cannot see it
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        session = _train(root, max_steps=12)
+    out = capsys.readouterr().out
+    assert f"resumed from {root}/step_000000004 at step 4" in out, out
+    assert "step_000000008 could not be read" in out and "format v99" in caplog.text
+    assert session.resumed_from.step == 4
+    assert json.loads((root / "step_000000012" / "manifest.json").read_text())["step"] == 12
