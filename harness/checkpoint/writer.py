@@ -5,6 +5,9 @@ the flat file's data section (reused across saves, page-aligned, pinned on GPU m
 tensors are copied on a side CUDA stream), then a thread of lower priority writes that buffer in
 place with the same atomic protocol. At most one save is in flight: the next snapshot waits for the
 previous write. A failed background write is raised by the next ``submit()``/``flush()``, never lost.
+A payload the flat format cannot store is snapshotted by HostSnapshot instead (tensors into reused
+buffers, everything else deep-copied) before ``submit()`` returns. Retention runs after the commit
+and never fails it (see CheckpointStore.prune).
 """
 
 from __future__ import annotations
