@@ -28,7 +28,7 @@ import torch
 from harness.checkpoint.payload import PAYLOAD_FORMAT, extract_model_state
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
 from harness.checkpoint.layout import MANIFEST_NAME, CheckpointRef, STEP_DIR
-from harness.checkpoint.store import CheckpointStore
+from harness.checkpoint.store import OK, CheckpointStore
 from harness.checkpoint.storage.local import LocalStorage
 
 EXIT_OK = 0
@@ -170,22 +170,24 @@ def print_description(report: dict) -> None:
 
 
 def verify(path: str) -> list[str]:
-    """Problems found in one checkpoint folder or every checkpoint of a run folder."""
+    """Print the state of one checkpoint folder, or of every ``step_*`` folder of a run folder, one
+    ``<name>: <state>`` line each (OK, CORRUPT, INCOMPLETE, UNUSABLE: see harness.checkpoint.store).
+    Returns what is wrong with those that are not OK (empty: every one is OK)."""
     if not os.path.isdir(path):
         raise ToolError(f"{path}: not a checkpoint folder")
+    path = path.rstrip("/") or path
     if is_checkpoint_folder(path):
-        located = locate(path)
-        refs, store = [located.ref], located.store
+        store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))
+        reports = [store.examine(os.path.basename(os.path.abspath(path)))]
     else:
         store = CheckpointStore(LocalStorage(path))
-        refs = store.list_complete()
-        if not refs:
-            raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+        reports = store.examine_all()
+        if not reports:
+            raise ToolError(f"{path}: no checkpoint (step_*/{MANIFEST_NAME}) in this folder")
     problems = []
-    for ref in refs:
-        found = store.problems(ref, verify=True)
-        problems += [f"{store.root}/{problem}" for problem in found]
-        print(f"{ref.name}: {'OK' if not found else 'CORRUPT'}")
+    for report in reports:
+        print(f"{report.name}: {report.state}")
+        problems += [f"{store.root}/{detail}" for detail in report.details if report.state != OK]
     return problems
 
 

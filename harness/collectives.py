@@ -54,18 +54,21 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
     The failing rank re-raises its own error; the others raise CheckpointError naming which ranks
     failed, so every log says where to look.
     """
+    ranks = which_failed(error, device)
+    if error is not None:
+        raise error
+    if ranks:
+        raise _failed_on(CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs"), ranks)
+
+
+def which_failed(error: Optional[BaseException], device: torch.device) -> list[int]:
+    """Every rank passes its own error (or None); every rank learns which ranks failed."""
     if not distributed():
-        if error is not None:
-            raise error
-        return
+        return [] if error is None else [0]
     failed = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
     failed[dist.get_rank()] = int(error is not None)
     dist.all_reduce(failed, op=dist.ReduceOp.SUM)
-    if error is not None:
-        raise error
-    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
-    if ranks:
-        raise _failed_on(CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs"), ranks)
+    return [rank for rank, flag in enumerate(failed.tolist()) if flag]
 
 
 def _failed_on(error: Exception, ranks: list[int]) -> Exception:

@@ -9,8 +9,10 @@ checkpoints written before the switch (``"sha256": <hex>``) still verify.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Callable
@@ -33,11 +35,16 @@ class Hasher:
     def hexdigest(self) -> str: ...
 
 
+class UnknownChecksum(ValueError):
+    """A manifest records a checksum this harness cannot compute or parse (another algorithm, a
+    missing or malformed entry): the file cannot be verified, so its checkpoint is not usable."""
+
+
 def new(algorithm: str = DEFAULT) -> Hasher:
     try:
         return _FACTORIES[algorithm]()
     except KeyError:
-        raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {sorted(_FACTORIES)}") from None
+        raise UnknownChecksum(f"unknown checksum algorithm {algorithm!r}; known: {sorted(_FACTORIES)}") from None
 
 
 def update(hasher: Hasher, data) -> None:
@@ -49,8 +56,14 @@ def update(hasher: Hasher, data) -> None:
 
 
 def algorithm_of(checksum: str) -> str:
-    """``"xxh3_128"`` of ``"xxh3_128:<hex>"``."""
-    return checksum.split(":", 1)[0]
+    """``"xxh3_128"`` of ``"xxh3_128:<hex>"`` (or of ``"xxh3_128"`` itself). Raises UnknownChecksum for
+    an algorithm this harness does not know, or for something that is not a string."""
+    if not isinstance(checksum, str):
+        raise UnknownChecksum(f"a checksum must be a string like 'xxh3_128:<hex>', not {checksum!r}")
+    algorithm = checksum.split(":", 1)[0]
+    if algorithm not in _FACTORIES:
+        raise UnknownChecksum(f"unknown checksum algorithm {algorithm!r}; known: {sorted(_FACTORIES)}")
+    return algorithm
 
 
 def named(algorithm: str, hasher: Hasher) -> str:
@@ -71,7 +84,7 @@ def of_file(path: str, algorithm: str = DEFAULT) -> str:
     then map the payload from memory instead of reading the disk again.
     """
     hasher = new(algorithm)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         buffers = [memoryview(bytearray(READ_CHUNK)) for _ in range(READS_IN_FLIGHT)]  # reused: fresh
@@ -94,6 +107,17 @@ def of_file(path: str, algorithm: str = DEFAULT) -> str:
     return named(algorithm, hasher)
 
 
+def open_regular(path: str) -> int:
+    """A read-only descriptor of the regular file ``path`` itself: a symbolic link is not followed
+    (ELOOP), and a FIFO, device or folder is refused without waiting on it (O_NONBLOCK: opening a
+    FIFO for reading would otherwise block until a writer comes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def of_bytes(data: bytes, algorithm: str = DEFAULT) -> str:
     hasher = new(algorithm)
     hasher.update(data)
@@ -106,7 +130,20 @@ def file_entry(size: int, checksum: str) -> dict:
 
 
 def expected(entry: dict) -> str:
-    """The named checksum a manifest records for a file (manifests before xxHash: ``sha256``)."""
+    """The named checksum a manifest records for a file (manifests before xxHash: ``sha256``).
+
+    Raises UnknownChecksum when the entry records none, or one of an algorithm this harness does
+    not know (a newer harness's manifest): such a file cannot be verified.
+    """
+    if not isinstance(entry, dict):
+        raise UnknownChecksum(f"a file entry must be an object, not {entry!r}")
     if "checksum" in entry:
-        return entry["checksum"]
-    return f"sha256:{entry['sha256']}"
+        recorded = entry["checksum"]
+    elif isinstance(entry.get("sha256"), str):
+        recorded = f"sha256:{entry['sha256']}"
+    else:
+        raise UnknownChecksum(f"the file entry records no checksum (keys: {sorted(entry)})")
+    algorithm_of(recorded)
+    if not recorded.split(":", 1)[1:]:
+        raise UnknownChecksum(f"checksum {recorded!r} has no value after the algorithm")
+    return recorded

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import math
 import mmap
 from dataclasses import dataclass
 from typing import IO, Any
@@ -161,25 +162,93 @@ def is_flat(head: bytes) -> bool:
 
 
 def read(path: str) -> Any:
-    """The payload of a flat file (of any other safetensors file: its tensors by name). Tensors are views of a private (copy-on-write) memory map of the
-    file: nothing is read until it is used, and writing to a tensor never changes the file."""
+    """The payload of a flat file (of any other safetensors file: its tensors by name). Tensors are
+    views of a private (copy-on-write) memory map of the file: nothing is read until it is used, and
+    writing to a tensor never changes the file. Raises ValueError for a file whose header does not
+    describe it (see ``parse_header``)."""
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
-        header_len = int.from_bytes(mapped[:MAGIC_OFFSET], "little")
-        header = json.loads(mapped[MAGIC_OFFSET:MAGIC_OFFSET + header_len])
-        meta = header.pop("__metadata__", None) or {}
-        if meta.get("format") != FORMAT:  # a plain safetensors file (e.g. pretrained weights)
-            meta = None
-        elif meta.get("format_version") != VERSION:
-            raise ValueError(f"flat format v{meta.get('format_version')}, this harness reads v{VERSION}")
+        header_len = header_length(mapped[:MAGIC_OFFSET], len(mapped))
+        header, meta = parse_header(mapped[MAGIC_OFFSET:MAGIC_OFFSET + header_len],
+                                    len(mapped) - MAGIC_OFFSET - header_len)
         start = MAGIC_OFFSET + header_len
-        if any(entry["data_offsets"][1] > len(mapped) - start for entry in header.values()):
-            raise ValueError(f"the file ends at byte {len(mapped)}, before the tensors it lists (truncated)")
         tensors = {name: _view(mapped, start, entry) for name, entry in header.items()}
         return tensors if meta is None else _decode(json.loads(meta["skeleton"]), tensors)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {error}") from None
+
+
+def check(handle: IO[bytes], size: int) -> None:
+    """Check the header of the flat file of ``size`` bytes open in ``handle`` (at its start), reading
+    the header only: raises BadHeader when it does not describe the file (see ``parse_header``).
+    Verification runs this because a checksum only proves the file is what was written, not that
+    it can be read: a header damaged before its checksum was taken must not reach a resume."""
+    header_len = header_length(handle.read(MAGIC_OFFSET), size)
+    text = handle.read(header_len)
+    if len(text) != header_len:
+        raise BadHeader(f"the header ends after {len(text)} of its {header_len} bytes (truncated)")
+    parse_header(text, size - MAGIC_OFFSET - header_len)
+
+
+class BadHeader(ValueError):
+    """A safetensors header that does not describe its file."""
+
+
+def header_length(head: bytes, size: int) -> int:
+    """The header length recorded in the first 8 bytes of a file of ``size`` bytes, checked to lie
+    inside the file (a length like 2**62 is refused before anything is read or allocated)."""
+    if len(head) < MAGIC_OFFSET or size < MAGIC_OFFSET:
+        raise BadHeader(f"the file has {size} bytes, fewer than the 8 of a header length")
+    length = int.from_bytes(head[:MAGIC_OFFSET], "little")
+    if not 2 <= length <= size - MAGIC_OFFSET:  # "{}" is the smallest header
+        raise BadHeader(f"header length {length} does not fit in the file's {size} bytes")
+    return length
+
+
+def parse_header(text: bytes, data_nbytes: int) -> tuple[dict, Any]:
+    """(tensor entries by name, the harness metadata or None for a plain safetensors file), checked:
+    every entry has a known dtype, a shape of non-negative integers and ``data_offsets`` inside the
+    data section (``data_nbytes``) spanning exactly shape x itemsize bytes; harness metadata has this
+    format's version and a skeleton that decodes and names only listed tensors. Raises BadHeader."""
+    try:
+        header = json.loads(text)
+    except ValueError as error:
+        raise BadHeader(f"the header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise BadHeader("the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    for name, entry in header.items():
+        _check_entry(name, entry, data_nbytes)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:  # a plain safetensors file
+        return header, None
+    if meta.get("format_version") != VERSION:
+        raise BadHeader(f"flat format v{meta.get('format_version')}, this harness reads v{VERSION}")
+    try:
+        _decode(json.loads(meta["skeleton"]), dict.fromkeys(header))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BadHeader(f"the payload's skeleton does not decode ({type(error).__name__}: {error})") from None
+    return header, meta
+
+
+def _check_entry(name: str, entry: Any, data_nbytes: int) -> None:
+    if not isinstance(entry, dict) or entry.get("dtype") not in _BY_NAME:
+        raise BadHeader(f"tensor {name!r}: unknown dtype in {entry!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise BadHeader(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(at) for at in offsets) \
+            or not offsets[0] <= offsets[1] <= data_nbytes:
+        raise BadHeader(f"tensor {name!r}: data_offsets {offsets!r} do not lie inside the data section "
+                        f"of {data_nbytes} bytes (truncated or damaged)")
+    expected = math.prod(shape) * _BY_NAME[entry["dtype"]].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise BadHeader(f"tensor {name!r}: shape {shape} of {entry['dtype']} needs {expected} bytes, "
+                        f"data_offsets span {offsets[1] - offsets[0]}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _view(mapped: mmap.mmap, start: int, entry: dict) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -29,10 +30,12 @@ from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_S
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.writer import CheckpointWriter
-from harness.collectives import distributed, on_rank0, raise_if_any_failed
+from harness.collectives import distributed, on_rank0, raise_if_any_failed, which_failed
 from harness.config import CheckpointConfig, HarnessConfig
 from harness.env import DistEnv
 from harness.stop.agreement import grace_warning
+
+log = logging.getLogger("harness")
 
 
 class CheckpointManager:
@@ -112,11 +115,12 @@ class CheckpointManager:
         began, so it always resumes."""
         return self.ckpt.resume or self.env.restart_count > 0
 
-    def _choose(self) -> Optional[CheckpointRef]:
-        """Rank 0 verifies and picks; every rank loads the same one."""
+    def _choose(self, below: Optional[int] = None) -> Optional[CheckpointRef]:
+        """Rank 0 verifies and picks (the newest valid one, or the newest below step ``below``);
+        every rank loads the same one."""
         def newest_valid() -> Optional[CheckpointRef]:
             self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
-            return self.store.latest_valid(verify=self.ckpt.verify)
+            return self.store.latest_valid(verify=self.ckpt.verify, below=below)
 
         return on_rank0(newest_valid, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
 
@@ -163,20 +167,51 @@ class CheckpointManager:
 
         ``data_unit``: samples per loader batch over all ranks in THIS run (None if unknown), to keep
         the data position by samples consumed when it differs from the saved run's.
+
+        A payload that some rank cannot read (damage that verification does not see, a payload
+        format this harness does not read) is skipped on every rank, with a warning, for the next
+        older valid checkpoint, chosen by rank 0 as the first was; with none left, every rank
+        raises. An error while applying a payload that was read (a model that does not match it)
+        raises at once: an older checkpoint would not match either.
         """
+        payload = self._read_everywhere(ref)
+        while payload is None:
+            older = self._choose(below=ref.step)
+            if older is None:
+                raise CheckpointError(
+                    f"{self.store.root}/{ref.name} could not be read (see the ranks' warnings) and no "
+                    "older valid checkpoint is left. HINT: move the unreadable checkpoint aside to "
+                    "start fresh, or restore an older copy of the folder")
+            self.say(f"WARNING: {self.store.root}/{ref.name} could not be read; resuming from the "
+                     f"previous valid checkpoint {older.name} instead")
+            ref = older
+            self._resume_point = (ref,)
+            payload = self._read_everywhere(ref)
         error = None
-        node_copy = None
         try:
-            node_copy = self._node_copy(ref)  # a collective for remote folders
-            self._restore(ref, data_unit, node_copy)
+            self._restore(ref, payload, data_unit)
         except Exception as exc:
             error = exc
+        raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+
+    def _read_everywhere(self, ref: CheckpointRef) -> Optional[dict]:
+        """The payload of ``ref`` on every rank, or None on every rank when any rank could not read
+        it (each failing rank logs why). A collective."""
+        payload, error, node_copy = None, None, None
         try:
-            raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+            node_copy = self._node_copy(ref)  # a collective for remote folders
+            payload = self._load_payload(ref, node_copy)
+        except Exception as exc:  # an unreadable payload: every rank falls back together
+            error = exc
+            log.warning("rank %d could not read %s/%s: %s: %s", self.env.rank, self.store.root,
+                        ref.payload_path, type(exc).__name__, exc)
+        try:
+            failed = which_failed(error, self.env.device)
         finally:
             if node_copy is not None and self.env.local_rank == 0:
-                # Every rank of the node is done with it (memory-mapped pages stay valid).
+                # Every rank of the node has mapped it or failed (mapped pages stay valid).
                 os.unlink(node_copy)
+        return None if failed else payload
 
     def _node_copy(self, ref: CheckpointRef) -> Optional[str]:
         """For a remote folder (s3://...): local rank 0 of every node streams the payload to a
@@ -206,9 +241,8 @@ class CheckpointManager:
         payload = read_payload(path, unsafe=self.ckpt.unsafe_load)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
-    def _restore(self, ref: CheckpointRef, data_unit: Optional[int], node_copy: Optional[str]) -> None:
+    def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int]) -> None:
         started = time.perf_counter()
-        payload = self._load_payload(ref, node_copy)
         self.registry.load_state_dict(payload[KEY_STATE])
         own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
         self.progress.load_state_dict(payload[KEY_PROGRESS])

@@ -5,26 +5,47 @@ set of checkpoints or the old set plus one complete new one. "Latest" is found b
 manifests; nothing else (no pointer file) is trusted. Retention is computed from what is on disk,
 so it survives restarts, and runs only after a new checkpoint is committed. A folder counts as a
 crashed partial save only when its manifest is provably absent; an unreadable manifest (I/O error,
-throttling, a newer format) keeps the folder.
+throttling, a newer format, a step other than its folder's name) keeps the folder and is never
+loaded: the previous checkpoint is used instead.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Optional
 
-from harness.checkpoint import checksum
-from harness.checkpoint.layout import PAYLOAD_NAME, CheckpointRef, manifest_path, step_dir_name, step_of
+from harness.checkpoint import checksum, flat
+from harness.checkpoint import manifest as manifests
+from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, manifest_path, step_dir_name,
+                                       step_of)
 from harness.checkpoint.errors import CheckpointError, write_hint
+from harness.checkpoint.manifest import UnusableManifest
 from harness.checkpoint.storage import Storage
 
 log = logging.getLogger("harness")
 
-MANIFEST_FORMAT = "harness.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_FORMAT = manifests.FORMAT
+MANIFEST_VERSION = manifests.VERSION
+
+# The state of a step_* folder (python -m harness.ckpt verify prints them).
+OK = "OK"  # its files match its manifest
+CORRUPT = "CORRUPT"  # a file is missing, truncated, altered, unreadable or not a regular file
+INCOMPLETE = "INCOMPLETE"  # no manifest: a save in progress, or one that crashed
+UNUSABLE = "UNUSABLE"  # a manifest that cannot be trusted (unreadable, another version, bad entries,
+# another step than the folder's name says): never loaded, counted by retention, or deleted
+
+
+@dataclass(frozen=True)
+class FolderReport:
+    """What ``CheckpointStore.examine`` found in one folder: its state, why (each detail starts with
+    the path it is about, relative to the run folder), and the checkpoint if its manifest is usable."""
+
+    name: str
+    state: str
+    details: tuple[str, ...] = ()
+    ref: Optional[CheckpointRef] = None
 
 
 @dataclass(frozen=True)
@@ -87,59 +108,64 @@ class CheckpointStore:
         started = time.perf_counter()
         try:
             size, digest = self.storage.write(f"{name}/{payload_name}", fill)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "format_version": MANIFEST_VERSION,
-                "step": step,
-                "files": {payload_name: checksum.file_entry(size, digest)},
-                "created_unix": time.time(),
-                "write_s": round(time.perf_counter() - started, 4),
-                **info,
-            }
-            encoded = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            manifest = manifests.build(step, {payload_name: checksum.file_entry(size, digest)},
+                                       time.perf_counter() - started, info)
+            encoded = manifests.encode(manifest)
             self.storage.write(manifest_path(name), lambda handle: handle.write(encoded))
         except (OSError, RuntimeError) as error:  # torch.save turns a failed write into RuntimeError
             error = _root_os_error(error)
-            previous = self.latest_listed()
-            kept = f"the previous checkpoint (step {previous.step}) is intact" if previous else \
-                "no earlier checkpoint exists"
             raise CheckpointError(
-                f"could not write checkpoint step {step} to {self.root}/{name}: {error}; {kept}. "
-                f"{write_hint(error)}") from error
+                f"could not write checkpoint step {step} to {self.root}/{name}: {error}; "
+                f"{self._what_is_kept()}. {write_hint(error)}") from error
         return CheckpointRef(step=step, name=name, manifest=manifest)
 
-    def _read_manifest(self, name: str) -> tuple[Optional[dict], bool]:
-        """(manifest, absent): the parsed manifest, or None with ``absent`` True only when the file
-        provably does not exist. Any other failure (I/O error, throttling, bad JSON, another format
-        version) is warned about and is NOT absence: such a folder is neither loaded nor deleted."""
+    def _what_is_kept(self) -> str:
+        """For a failed commit's message: the newest earlier checkpoint, if the folder can be listed."""
         try:
-            manifest = json.loads(self.storage.read_bytes(manifest_path(name)))
+            previous = self.latest_listed()
+        except OSError as error:  # the message must still report the write's own error
+            return f"the earlier checkpoints are untouched (listing them failed too: {error})"
+        return f"the previous checkpoint (step {previous.step}) is intact" if previous else \
+            "no earlier checkpoint exists"
+
+    def _load_manifest(self, name: str) -> tuple[Optional[dict], Optional[str]]:
+        """(manifest, None) for a usable one; (None, None) when it provably does not exist (a save in
+        progress or one that crashed); (None, why) when it exists but cannot be trusted: an I/O
+        error or throttling, bad JSON, another format version, bad entries (see
+        harness.checkpoint.manifest), or a step that is not the one the folder's name says (a copy
+        or a link under another name). Such a folder is neither loaded, nor counted, nor deleted."""
+        try:
+            data = self.storage.read_bytes(manifest_path(name))
         except FileNotFoundError:
-            return None, True
-        except (OSError, ValueError) as error:
-            log.warning("ignoring checkpoint %s/%s for now: unreadable manifest (%s)", self.root, name, error)
-            return None, False
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
-                or manifest.get("format_version") != MANIFEST_VERSION:
-            found = manifest if not isinstance(manifest, dict) else \
-                f"{manifest.get('format')!r} v{manifest.get('format_version')!r}"
-            log.warning("ignoring checkpoint %s/%s: manifest format %s is not %s v%s (kept on disk)",
-                        self.root, name, found, MANIFEST_FORMAT, MANIFEST_VERSION)
-            return None, False
-        return manifest, False
+            return None, None
+        except OSError as error:
+            return None, f"unreadable manifest ({error})"
+        try:
+            manifest = manifests.parse(data)
+        except UnusableManifest as error:
+            return None, f"unusable manifest: {error}"
+        named = step_of(name)
+        if named is not None and manifest["step"] != named:
+            return None, (f"its name says step {named} but its manifest says step {manifest['step']} "
+                          "(a copy or a link under another name?)")
+        return manifest, None
 
     def scan(self) -> tuple[list[CheckpointRef], list[str]]:
-        """(complete checkpoints oldest first, folders whose manifest is provably absent)."""
+        """(complete checkpoints oldest first, folders whose manifest is provably absent). Folders
+        whose manifest cannot be trusted are in neither list, with a warning. Raises OSError when
+        the run folder cannot be listed."""
         refs, partial = [], []
         for name in self.storage.list_names():
             step = step_of(name)
             if step is None:
                 continue
-            manifest, absent = self._read_manifest(name)
+            manifest, unusable = self._load_manifest(name)
             if manifest is not None:
                 refs.append(CheckpointRef(step=step, name=name, manifest=manifest))
-            elif absent:
+            elif unusable is None:
                 partial.append(name)
+            else:
+                log.warning("ignoring checkpoint %s/%s: %s (kept on disk)", self.root, name, unusable)
         return sorted(refs, key=lambda ref: ref.step), partial
 
     def list_complete(self) -> list[CheckpointRef]:
@@ -150,22 +176,60 @@ class CheckpointStore:
         refs = self.list_complete()
         return refs[-1] if refs else None
 
+    def examine(self, name: str, verify: bool = True) -> FolderReport:
+        """The state of one checkpoint folder (see FolderReport), without logging."""
+        manifest, unusable = self._load_manifest(name)
+        if manifest is not None:
+            ref = CheckpointRef(step=manifest["step"], name=name, manifest=manifest)
+            found = self.problems(ref, verify=verify)
+            return FolderReport(name, CORRUPT if found else OK, tuple(found), ref)
+        if unusable is not None:
+            return FolderReport(name, UNUSABLE, (f"{manifest_path(name)}: {unusable}",))
+        return FolderReport(name, INCOMPLETE, (f"{name}: no {MANIFEST_NAME}: a save in progress, or one that crashed",))
+
+    def examine_all(self, verify: bool = True) -> list[FolderReport]:
+        """The state of every ``step_*`` folder, oldest step first."""
+        names = sorted((name for name in self.storage.list_names() if step_of(name) is not None), key=step_of)
+        return [self.examine(name, verify) for name in names]
+
     def problems(self, ref: CheckpointRef, verify: bool = True) -> list[str]:
-        """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid)."""
+        """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid).
+
+        Never raises for a damaged checkpoint: an unusable manifest entry, a missing, unreadable or
+        non-regular file (a symbolic link is not followed), a size or checksum (``verify``) that
+        differs, or a flat payload whose header does not describe the file (checked even without
+        ``verify``: it reads only the header) are each reported as a problem.
+        """
+        try:
+            files = manifests.entries(ref.manifest)
+        except UnusableManifest as error:
+            return [f"{manifest_path(ref.name)}: {error}"]
         found = []
-        for rel, entry in ref.manifest.get("files", {}).items():
+        for rel, (recorded_size, recorded) in files.items():
             path = f"{ref.name}/{rel}"
-            recorded = checksum.expected(entry)
             try:
-                size = self.storage.size(path)
+                problem = self._file_problem(path, recorded_size, recorded, verify)
             except FileNotFoundError:
-                found.append(f"{path}: missing")
-                continue
-            if size != entry["bytes"]:
-                found.append(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated?)")
-            elif verify and self.checksum(path, recorded) != recorded:
-                found.append(f"{path}: {checksum.algorithm_of(recorded)} differs from the manifest (corrupted)")
+                problem = f"{path}: missing"
+            except OSError as error:
+                problem = f"{path}: unreadable ({error})"
+            if problem:
+                found.append(problem)
         return found
+
+    def _file_problem(self, path: str, recorded_size: int, recorded: str, verify: bool) -> Optional[str]:
+        size = self.storage.size(path)
+        if size != recorded_size:
+            return f"{path}: {size} bytes, manifest says {recorded_size} (truncated?)"
+        if verify and self.checksum(path, recorded) != recorded:
+            return f"{path}: {checksum.algorithm_of(recorded)} differs from the manifest (corrupted)"
+        if path.rsplit("/", 1)[-1] == PAYLOAD_NAME:
+            with self.storage.open_read(path) as handle:
+                try:
+                    flat.check(handle, size)
+                except flat.BadHeader as error:
+                    return f"{path}: bad safetensors header: {error} (corrupted)"
+        return None
 
     def checksum(self, rel: str, like: str = checksum.DEFAULT) -> str:
         """The named checksum of a file, with the algorithm of ``like`` (a named checksum or an
@@ -176,9 +240,12 @@ class CheckpointStore:
         with self.storage.open_read(rel) as handle:
             return checksum.of_stream(handle, checksum.algorithm_of(like))
 
-    def latest_valid(self, verify: bool = True) -> Optional[CheckpointRef]:
-        """The newest checkpoint that passes verification; corrupt newer ones are skipped with a warning."""
+    def latest_valid(self, verify: bool = True, below: Optional[int] = None) -> Optional[CheckpointRef]:
+        """The newest checkpoint (of a step below ``below``, if given) that passes verification;
+        corrupt newer ones are skipped with a warning."""
         for ref in reversed(self.list_complete()):
+            if below is not None and ref.step >= below:
+                continue
             found = self.problems(ref, verify=verify)
             if not found:
                 return ref
@@ -191,9 +258,15 @@ class CheckpointStore:
 
         Pruning never fails a run: a folder that cannot be deleted now (NFS silly-renamed files of a
         memory-mapped payload, a transient error) is warned about and retried at the next prune.
-        Returns the checkpoints actually deleted.
+        So is a listing that fails (a throttled S3 ``ls``): the save that asked for this prune is
+        committed already, and the next prune tries again. Returns the checkpoints actually deleted.
         """
-        refs, partial = self.scan()
+        try:
+            refs, partial = self.scan()
+        except OSError as error:
+            log.warning("could not list %s to delete old checkpoints now (%s); will retry at the next save",
+                        self.root, error)
+            return []
         doomed = retention.to_delete(refs, current)
         deleted = [ref for ref in doomed if self._remove(ref.name)]
         if refs:

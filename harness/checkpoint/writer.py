@@ -5,11 +5,16 @@ the flat file's data section (reused across saves, page-aligned, pinned on GPU m
 tensors are copied on a side CUDA stream), then a thread of lower priority writes that buffer in
 place with the same atomic protocol. At most one save is in flight: the next snapshot waits for the
 previous write. A failed background write is raised by the next ``submit()``/``flush()``, never lost.
+A payload the flat format cannot store is snapshotted by HostSnapshot instead (tensors into reused
+buffers, everything else deep-copied) before ``submit()`` returns. Retention runs after the commit
+and never fails it (see CheckpointStore.prune).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import mmap
 import os
 import threading
@@ -26,23 +31,33 @@ from harness.checkpoint.store import CheckpointStore, Retention
 
 
 class HostSnapshot:
-    """Copies a nested payload's tensors into host buffers kept between saves (no fresh allocations,
-    which are slow on VMs that return freed memory to the host)."""
+    """A copy of a nested payload that the training loop can no longer change, for the torch.save
+    fallback of the asynchronous writer (its thread pickles the copy while the loop trains on).
+
+    Tensors are copied into host buffers kept between saves (no fresh allocations, which are slow on
+    VMs that return freed memory to the host); everything else that is not a plain dict, list or
+    tuple (numpy arrays, user objects, sets, ...) is deep-copied, so the next step's in-place
+    changes (``counts += 1``) cannot leak into this step's file. A buffer is found again by its
+    path of (key type, key) pairs, so keys ``1`` and ``"1"`` of one dict get buffers of their own.
+    """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def copy(self, obj: Any, path: str = "") -> Any:
+    def copy(self, obj: Any, path: tuple = ()) -> Any:
+        kind = type(obj)
         if isinstance(obj, torch.Tensor):
             return self._copy_tensor(obj, path)
-        if isinstance(obj, dict):
-            return {key: self.copy(value, f"{path}/{key}") for key, value in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            copied = [self.copy(value, f"{path}/{index}") for index, value in enumerate(obj)]
-            return copied if isinstance(obj, list) else tuple(copied)
-        return obj
+        if kind in (dict, collections.OrderedDict):
+            copied = kind((key, self.copy(value, (*path, (type(key), key)))) for key, value in obj.items())
+            if getattr(obj, "_metadata", None) is not None:  # module versions of a state_dict
+                copied._metadata = copy.deepcopy(obj._metadata)
+            return copied
+        if kind in (list, tuple):
+            return kind(self.copy(value, (*path, (int, index))) for index, value in enumerate(obj))
+        return copy.deepcopy(obj)  # immutable scalars come back as they are
 
-    def _copy_tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, path: tuple) -> torch.Tensor:
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",

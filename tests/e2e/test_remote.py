@@ -8,6 +8,7 @@ a user's job would. Nothing is patched in-process.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -150,9 +151,13 @@ def test_listing_sees_checkpoints_another_client_committed(moto_server, s3_url):
     _commit(store, 10)
     assert [ref.step for ref in store.list_complete()] == [10]  # the listing is now cached
     client = moto_server.client()
-    for name in ("state.pt", "manifest.json"):  # another writer commits step 20: data, then manifest
-        client.copy_object(Bucket=BUCKET, Key=_key(s3_url, f"step_000000020/{name}"),
-                           CopySource={"Bucket": BUCKET, "Key": _key(s3_url, f"step_000000010/{name}")})
+    # Another writer commits step 20: data, then manifest (of step 20: a manifest's step must match
+    # its folder's name).
+    client.copy_object(Bucket=BUCKET, Key=_key(s3_url, "step_000000020/state.pt"),
+                       CopySource={"Bucket": BUCKET, "Key": _key(s3_url, "step_000000010/state.pt")})
+    manifest = json.loads(store.storage.read_bytes("step_000000010/manifest.json")) | {"step": 20}
+    client.put_object(Bucket=BUCKET, Key=_key(s3_url, "step_000000020/manifest.json"),
+                      Body=json.dumps(manifest).encode())
     assert [ref.step for ref in store.list_complete()] == [10, 20]
     assert store.latest_valid().step == 20
 

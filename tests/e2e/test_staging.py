@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Callable, IO
 
 import pytest
+import torch
 
 from conftest import REPO, wait_for
 from harness.checkpoint.storage.staged import StagedStorage
 from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, PAYLOAD_NAME, step_dir_name
-from harness.checkpoint import checksum
+from harness.checkpoint import checksum, flat
+from harness.checkpoint.format import encode
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage.local import LocalStorage
@@ -85,8 +88,15 @@ class GatedRemote(LocalStorage):
 
 
 def _data(step: int, size: int = 4096) -> bytes:
+    """A readable flat payload of exactly ``size`` bytes (>= its 4096-byte header), distinct per step:
+    verification checks the payload's header, so random bytes would not pass as a checkpoint."""
     seed = hashlib.sha256(str(step).encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
+    body = bytearray((seed * ((size - flat.ALIGN) // len(seed) + 1))[:size - flat.ALIGN])
+    tensor = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    encode({"bytes": tensor}).write_to(buffer)
+    assert len(buffer.getvalue()) == size
+    return buffer.getvalue()
 
 
 def _commit(store: CheckpointStore, step: int, size: int = 4096) -> None:
@@ -347,6 +357,8 @@ def test_runs_sharing_a_staging_folder_never_see_each_other(tmp_path):
 
 KILLED_UPLOADER = """
 import os, sys
+import torch
+from harness.checkpoint.format import encode
 from harness.checkpoint.storage.fsspec import FsspecStorage
 from harness.checkpoint.storage.staged import StagedStorage
 from harness.checkpoint.store import CheckpointStore
@@ -361,7 +373,8 @@ class HangsBeforePublishing(FsspecStorage):
         return super().write(rel, stream_then_hang, algorithm)
 
 storage = StagedStorage(LocalStorage(sys.argv[2]), HangsBeforePublishing(sys.argv[1], block_size=5 << 20))
-CheckpointStore(storage).commit(10, lambda handle: handle.write(os.urandom(12 << 20)), {})
+payload = encode({"bytes": torch.frombuffer(bytearray(os.urandom(12 << 20)), dtype=torch.uint8)})
+CheckpointStore(storage).commit(10, payload.write_to, {})
 print("committed", flush=True)
 storage.flush()
 """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from typing import IO, Callable, Optional
 
 from harness.checkpoint import checksum
@@ -54,15 +56,30 @@ class LocalStorage:
         except FileNotFoundError:
             return []
 
+    # Reads open the named file itself: a checkpoint file that is a symbolic link (pointing out of
+    # the folder, anywhere) is refused, not followed, and a FIFO or device is refused without
+    # waiting on it. The folders on the way are followed: a run folder may live behind a link.
     def read_bytes(self, rel: str) -> bytes:
-        with open(self._path(rel), "rb") as handle:
+        with self.open_read(rel) as handle:
             return handle.read()
 
     def open_read(self, rel: str) -> IO[bytes]:
-        return open(self._path(rel), "rb")
+        return os.fdopen(self._open_regular(rel), "rb")
 
     def size(self, rel: str) -> int:
-        return os.path.getsize(self._path(rel))
+        path = self._path(rel)
+        info = os.lstat(path)
+        _refuse_unless_regular(info.st_mode, path)
+        return info.st_size
+
+    def _open_regular(self, rel: str) -> int:
+        path = self._path(rel)
+        try:
+            return checksum.open_regular(path)
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # O_NOFOLLOW met a link: say so in words
+                _refuse_unless_regular(os.lstat(path).st_mode, path)
+            raise
 
     def local_path(self, rel: str) -> Optional[str]:
         return self._path(rel)
@@ -118,6 +135,14 @@ class LocalStorage:
 
     def flush(self) -> None:
         """Nothing is in flight: every write is durable when it returns."""
+
+
+def _refuse_unless_regular(mode: int, path: str) -> None:
+    """OSError (not FileNotFoundError: the file exists) unless ``mode`` is a regular file's."""
+    if stat.S_ISLNK(mode):
+        raise OSError(errno.ELOOP, "is a symbolic link; checkpoint files are never followed", path)
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
 
 
 def _remove_quietly(path: str) -> None:

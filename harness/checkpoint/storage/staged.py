@@ -36,7 +36,6 @@ Uploads are not retried here: the remote's client already retries transient erro
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import traceback
@@ -46,7 +45,8 @@ from dataclasses import dataclass
 from typing import IO, Callable, Optional, TypeVar
 
 from harness.checkpoint import checksum
-from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, STEP_DIR, is_plain_file_name
+from harness.checkpoint import manifest as manifests
+from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, STEP_DIR
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.storage import Storage
@@ -288,10 +288,10 @@ class StagedStorage:
     def _check_files_published(self, manifest_rel: str) -> None:
         """Manifest last: refuse to publish a manifest before every file it lists is on the remote."""
         folder = _folder(manifest_rel)
-        files = json.loads(self.local.read_bytes(manifest_rel))["files"]
+        files = manifests.entries(manifests.parse(self.local.read_bytes(manifest_rel)))
         with self._lock:
-            missing = [name for name, expected in sorted(files.items())
-                       if self._published.get(f"{folder}/{name}") != checksum.expected(expected)]
+            missing = [name for name, (_, expected) in sorted(files.items())
+                       if self._published.get(f"{folder}/{name}") != expected]
         if missing:
             raise CheckpointError(f"not uploading {self.local.root}/{manifest_rel}: its "
                                   f"{', '.join(missing)} did not reach {self.root}/{folder}")
@@ -302,34 +302,36 @@ class StagedStorage:
         manifest_rel = f"{folder}/{MANIFEST_NAME}"
         try:
             encoded = self.local.read_bytes(manifest_rel)
-            files = json.loads(encoded)["files"]
         except FileNotFoundError:
             return  # pruned before its turn came
-        except (ValueError, KeyError, TypeError) as error:
+        except OSError as error:  # e.g. a manifest that is a symbolic link: never followed
             log.warning(f"not uploading {self.local.root}/{folder}: unreadable manifest ({error})")
             return
-        unsafe = [name for name in files if not is_plain_file_name(name)]
-        if unsafe:  # a manifest naming "../x" or "/etc/x" must never make us read or publish those
-            log.warning(f"not uploading {self.local.root}/{folder}: its manifest names files outside "
-                        f"the checkpoint folder: {unsafe}")
+        try:  # the same rules as a resume's (harness.checkpoint.manifest): what it would skip, we do not publish
+            manifest = manifests.parse(encoded)
+            files = manifests.entries(manifest)
+        except manifests.UnusableManifest as error:  # a manifest naming "../x" or "/etc/x" among them
+            log.warning(f"not uploading {self.local.root}/{folder}: unusable manifest ({error})")
+            return
+        if manifest["step"] != _step(folder):
+            log.warning(f"not uploading {self.local.root}/{folder}: its manifest is of step {manifest['step']}")
             return
         if not self._on_remote(folder, encoded, files):
-            for name, expected in sorted(files.items()):
+            for name, (_, expected) in sorted(files.items()):
                 try:
-                    self._upload(f"{folder}/{name}", checksum.expected(expected))
+                    self._upload(f"{folder}/{name}", expected)
                 except CheckpointError as error:  # damaged in the staging folder: never publish it
                     log.warning(f"not uploading {self.local.root}/{folder}: {error}")
                     return
             self._upload(manifest_rel, checksum.of_bytes(encoded))
         self._uploaded_checkpoint(folder)
 
-    def _on_remote(self, folder: str, manifest: bytes, files: dict) -> bool:
+    def _on_remote(self, folder: str, manifest: bytes, files: dict[str, tuple[int, str]]) -> bool:
         """Whether the remote holds this very checkpoint: the same manifest and files of its sizes."""
         try:
             if self.remote.read_bytes(f"{folder}/{MANIFEST_NAME}") != manifest:
                 return False
-            return all(self.remote.size(f"{folder}/{name}") == expected["bytes"]
-                       for name, expected in files.items())
+            return all(self.remote.size(f"{folder}/{name}") == size for name, (size, _) in files.items())
         except FileNotFoundError:
             return False
 
