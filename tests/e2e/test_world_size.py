@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 
-import torch
 
 from conftest import STEPS, newest_payload, run_launch, signal_job, uninterrupted_run
 
