@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -225,6 +226,25 @@ def slurm_nodes() -> list[str]:
     if shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode:
         return []
     return subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+
+
+REQUIRE_ALL = "HARNESS_REQUIRE_ALL"  # CI (.ci/run) sets it to 1: every optional-dependency test must run
+
+
+def skip_unless_required(message: str) -> None:
+    """Skip this test (or module) for a missing optional dependency or privilege, or fail it when
+    ``HARNESS_REQUIRE_ALL=1`` says every test must run (CI: a test that silently skips proves nothing)."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{message} ({REQUIRE_ALL}=1: this test must run, not skip)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_module(name: str, why: str):
+    """``pytest.importorskip`` that fails instead of skipping under ``HARNESS_REQUIRE_ALL=1``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        skip_unless_required(f"{why}: cannot import {name} ({error})")
 
 
 def require_cluster(up: bool, message: str, required_by: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import (STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics, newest_payload,
-                      payload_file, read_step, rewrite_payload, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
+                      payload_file, read_step, rewrite_payload, run_launch, skip_unless_required, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.keys import match_state, rename_prefixes, unwrap_model
 from harness.checkpoint.format import UnsafeCheckpoint, torch_load
@@ -184,11 +184,11 @@ def _mount_small_disk(path: Path, kind: str) -> None:
         subprocess.run(["truncate", "-s", "2M", str(image)], check=True)
         made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
         if made.returncode != 0:
-            pytest.skip(f"mkfs.ext4 unavailable: {made.stderr.decode().strip()}")
+            skip_unless_required(f"mkfs.ext4 unavailable: {made.stderr.decode().strip()}")
         command = ["mount", "-o", "loop", str(image), str(path)]
     result = subprocess.run(command, capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small {kind} here (needs root): {result.stderr.decode().strip()}")
+        skip_unless_required(f"cannot mount a small {kind} here (needs root): {result.stderr.decode().strip()}")
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"], ids=["buffered-tmpfs", "odirect-ext4"])

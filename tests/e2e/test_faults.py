@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (STEPS, assert_same_training, children, kill_tree, metrics, run_launch, signal_job,
-                      start_launch, steps_with_saves, wait_for, worker_pids)
+                      skip_unless_required, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 
@@ -108,7 +108,7 @@ def test_a_full_disk_under_the_metrics_file_does_not_stop_training(tmp_path):
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+        skip_unless_required(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:
         ckpt_dir = tmp_path / "ckpt"
         result = run_launch(ckpt_dir, f"trainer.metrics_file={disk}/metrics.jsonl", "trainer.max_steps=400",

@@ -25,7 +25,8 @@ from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newes
 from harness.env import free_port
 from harness.launch.slurm import job_info
 
-pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
+# Queue waits, requeues and a reference run add up past the suite's 600 s default timeout.
+pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.timeout(1800)]
 
 MAX_STEPS = 300
 # Slow enough steps that a signal lands while the job trains, a checkpoint every 50 steps.

@@ -21,16 +21,16 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import REPO, assert_tensors_equal, newest_payload, wait_for
+from conftest import REPO, assert_tensors_equal, newest_payload, require_module, skip_unless_required, wait_for
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.layout import step_dir_name
 
-s3fs = pytest.importorskip("s3fs", reason="S3 checkpoint tests need s3fs (pip install -e .[dev])")
-boto3 = pytest.importorskip("boto3", reason="S3 checkpoint tests need boto3 (pip install -e .[dev])")
+s3fs = require_module("s3fs", "S3 checkpoint tests need s3fs (pip install -e .[dev])")
+boto3 = require_module("boto3", "S3 checkpoint tests need boto3 (pip install -e .[dev])")
 
-from harness.checkpoint.storage.fsspec import FsspecStorage  # noqa: E402  (after the importorskip of its backend)
+from harness.checkpoint.storage.fsspec import FsspecStorage  # noqa: E402  (after the check for its backend)
 
 BUCKET = "harness-test"
 SERVER_START_S = 60.0
@@ -71,7 +71,7 @@ def moto_server(tmp_path_factory) -> Iterator[MotoServer]:
     if port is None:
         process.kill()
         process.wait(timeout=30)
-        pytest.skip("moto's S3 server did not start (pip install 'moto[server]'); its output: "
+        skip_unless_required("moto's S3 server did not start (pip install 'moto[server]'); its output: "
                     + log_path.read_text()[-2000:])
     server = MotoServer(endpoint=f"http://127.0.0.1:{port}", process=process)
     server.client().create_bucket(Bucket=BUCKET)

@@ -16,7 +16,8 @@ from conftest import (REPO, assert_tensors_equal, metrics, newest_payload, requi
                       slurm_nodes, uninterrupted_run, wait_for)
 from harness.launch.slurm import is_time_out, job_info
 
-pytestmark = pytest.mark.slurm
+# Queue waits, requeues and a reference run add up past the suite's 600 s default timeout.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 # Slower steps than the shared configuration, so signals land while the job trains.
 SLURM_OVERRIDES = ("task.model.hidden=768", "trainer.max_steps=200", "checkpoint.every_steps=100")
