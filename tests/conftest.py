@@ -157,14 +157,62 @@ def assert_tensors_equal(a, b, path: str = "") -> None:
         assert a == b, f"values differ at {path}: {a!r} != {b!r}"
 
 
-def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
-    """Final model, optimizer and scheduler equal bit for bit; every per-step loss equal."""
+def logged(ckpt_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one logged quantity (the last row of a step wins, as for a reader)."""
+    return {step: row[key] for step, row in metrics(ckpt_dir).items() if key in row}
+
+
+def assert_same_training(run_dir: Path, reference_dir: Path, steps: int = STEPS) -> None:
+    """The newest checkpoints of both runs hold the same training, bit for bit: every registered state
+    (model, optimizer, scheduler, EMA, scaler, ...), every rank's RNG states (torch, Python, numpy)
+    and the whole progress (step, epoch, data position); and both logged the same loss at every step
+    from 1 to ``steps`` (two runs that logged nothing are not "the same")."""
     run, ref = newest_payload(run_dir), newest_payload(reference_dir)
-    assert run["progress"]["step"] == ref["progress"]["step"] == STEPS
+    assert run["progress"]["step"] == ref["progress"]["step"] == steps
     assert_tensors_equal(run["state"], ref["state"], "state")
-    run_losses = {step: row["loss"] for step, row in metrics(run_dir).items()}
-    ref_losses = {step: row["loss"] for step, row in metrics(reference_dir).items()}
-    assert run_losses == ref_losses
+    assert run["progress"] == ref["progress"], f"progress differs: {run['progress']} != {ref['progress']}"
+    assert len(run["rng"]) == len(ref["rng"]) >= 1, "the checkpoints hold RNG states of different world sizes"
+    assert_tensors_equal(run["rng"], ref["rng"], "rng")
+    ref_losses = logged(reference_dir)
+    assert sorted(ref_losses) == list(range(1, steps + 1)), "the reference did not log a loss at every step"
+    run_losses = logged(run_dir)
+    differing = sorted(step for step in ref_losses if run_losses.get(step) != ref_losses[step])
+    assert not differing, f"losses differ (or are missing) at steps {differing[:10]}"
+
+
+def assert_diverges_after(run_dir: Path, reference_dir: Path, step: int, first_difference: int,
+                          key: str = "loss") -> None:
+    """Negative control: the run logged the reference's values of ``key`` up to and including ``step``
+    (where it resumed from a tampered checkpoint) and its first differing one is at ``first_difference``;
+    its final model differs too. Proves the comparisons of assert_same_training see the tampered thing."""
+    run_losses, ref_losses = logged(run_dir, key), logged(reference_dir, key)
+    assert sorted(run_losses) == sorted(ref_losses) and ref_losses, "both runs must log every step"
+    assert all(run_losses[s] == ref_losses[s] for s in ref_losses if s <= step), "differs before the resume"
+    differing = [s for s in sorted(ref_losses) if run_losses[s] != ref_losses[s]]
+    assert differing and differing[0] == first_difference, \
+        f"expected the first differing {key} at step {first_difference}, got {differing[:5]}"
+    run_model, ref_model = newest_payload(run_dir)["state"]["model"], newest_payload(reference_dir)["state"]["model"]
+    assert any(not torch.equal(run_model[key], ref_model[key]) for key in ref_model), "the final model is equal"
+
+
+RESUMED = re.compile(r"resumed from (\S+)/step_(\d+) at step (\d+)")
+
+
+def resumed_steps(output: str, ckpt_dir: Path | str) -> list[int]:
+    """The step of every "resumed from <ckpt_dir>/step_N at step N" line in ``output``, in order
+    (each line's folder and step must agree)."""
+    found = []
+    for folder, name_step, step in RESUMED.findall(output):
+        if folder == str(ckpt_dir):
+            assert int(name_step) == int(step), f"resumed from step_{name_step} but at step {step}"
+            found.append(int(step))
+    return found
+
+
+def assert_resumed_from(output: str, ckpt_dir: Path | str, step: int) -> None:
+    """The run resumed exactly once, from ``ckpt_dir``'s checkpoint of ``step``."""
+    assert resumed_steps(output, ckpt_dir) == [step], \
+        f"expected one resume from {ckpt_dir}/step_{step:09d}; the output says:\n{output[-3000:]}"
 
 
 def stop_lines(output: str) -> dict[int, int]:

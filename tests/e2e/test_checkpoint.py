@@ -10,13 +10,16 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import (STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics, newest_payload,
-                      payload_file, read_step, rewrite_payload, run_launch, skip_unless_required, start_launch, steps_with_saves, wait_for, worker_pids)
+from conftest import (STEPS, assert_diverges_after, assert_resumed_from, assert_same_training, assert_tensors_equal,
+                      kill_tree, metrics, newest_payload, payload_file, read_step, rewrite_payload, run_launch,
+                      skip_unless_required, start_launch, steps_with_saves, uninterrupted_run, wait_for, worker_pids)
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.keys import match_state, rename_prefixes, unwrap_model
 from harness.checkpoint.format import UnsafeCheckpoint, torch_load
@@ -68,42 +71,126 @@ def test_a_checkpoint_in_the_torch_save_format_of_earlier_versions_still_resumes
     assert (ckpt_dir / "step_000000160" / "state.safetensors").exists()  # new saves use the flat format
 
 
-def test_resume_without_rng_restore_would_differ(tmp_path, reference):
-    """Negative control: a resumed run that loses the RNG/data position diverges, so the test above
-    can fail."""
-    ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, 45)
-    payload = read_step(ckpt_dir, 45)
-    payload["rng"] = [payload["rng"][1], payload["rng"][0]]  # ranks swap their RNG streams
-    rewrite_payload(ckpt_dir / "step_000000045", payload)
-    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", "checkpoint.verify=false")
-    assert result.returncode == 0, result.stderr
-    with pytest.raises(AssertionError):
-        assert_same_training(ckpt_dir, reference)
+# ----- negative controls: a resume that loses one piece of state must differ ------------------------
+# Each control resumes from a copy of a first leg whose checkpoint lost one thing (as if it were not
+# saved or not restored), and shows the losses equal the reference up to the resume and differ from a
+# known step on: the comparisons above can see that thing. verify=false: the payload was rewritten.
+
+# fp16 with a loss that overflows at GradScaler's initial scale (the scale then changes), an EMA, and
+# draws from the main process's Python and numpy RNGs (tests/tasks.py).
+CONTROLS = ("trainer.precision=fp16", "trainer.ema_decay=0.99", "task.loss=tests.tasks.loss_for_controls")
+RESUME_STEP = 45
 
 
-@pytest.mark.parametrize("writer", ["sync", "async"])
-def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, reference, writer):
+@pytest.fixture(scope="module")
+def plain_leg(tmp_path_factory) -> Path:
+    """The shared configuration stopped at RESUME_STEP (tests copy it before changing it)."""
+    ckpt_dir = tmp_path_factory.mktemp("plain-leg") / "ckpt"
+    _first_leg(ckpt_dir, RESUME_STEP)
+    return ckpt_dir
+
+
+@pytest.fixture(scope="module")
+def controls_leg(tmp_path_factory) -> Path:
+    ckpt_dir = tmp_path_factory.mktemp("controls-leg") / "ckpt"
+    _first_leg(ckpt_dir, RESUME_STEP, *CONTROLS)
+    return ckpt_dir
+
+
+@pytest.fixture(scope="module")
+def controls_reference(tmp_path_factory) -> Path:
+    return uninterrupted_run(tmp_path_factory, "controls-reference", *CONTROLS)
+
+
+def _resume_copy(tmp_path: Path, leg: Path, tamper: Callable[[dict], None], *overrides: str) -> Path:
+    """Copy ``leg``, let ``tamper`` change its checkpoint's payload, resume it to the end."""
     ckpt_dir = tmp_path / "ckpt"
-    rng = random.Random(1234)
-    # Saves are frequent, so kills land inside them too.
-    overrides = ("checkpoint.every_steps=7", f"checkpoint.async_save={writer == 'async'}")
-    for attempt in range(2):
-        launcher = start_launch(ckpt_dir, *overrides)
-        worker_pids(launcher)
-        done_before = max(metrics(ckpt_dir), default=0)
-        wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
-        time.sleep(rng.uniform(0.0, 0.25))
-        kill_tree(launcher)
-        assert (ckpt_dir / "step_000000160").exists() is False or attempt > 0
-    # Whatever was on disk, every complete checkpoint verifies and the run finishes identically.
-    assert ckpt_main(["verify", str(ckpt_dir)]) == 0
-    result = run_launch(ckpt_dir, *overrides)
-    assert result.returncode == 0, result.stderr
-    payload = newest_payload(ckpt_dir)
-    assert_tensors_equal(payload["state"], newest_payload(reference)["state"])
-    losses = {s: r["loss"] for s, r in metrics(ckpt_dir).items()}
-    assert losses == {s: r["loss"] for s, r in metrics(reference).items()}
+    shutil.copytree(leg, ckpt_dir)
+    step_dir = ckpt_dir / f"step_{RESUME_STEP:09d}"
+    payload = read_step(ckpt_dir, RESUME_STEP)
+    tamper(payload)
+    rewrite_payload(step_dir, payload)
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", "checkpoint.verify=false", *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_resumed_from(result.stdout, ckpt_dir, RESUME_STEP)
+    return ckpt_dir
+
+
+def _nothing(payload: dict) -> None:
+    pass
+
+
+def _swap_rank_rng(payload: dict) -> None:
+    payload["rng"] = [payload["rng"][1], payload["rng"][0]]
+
+
+def _skip_a_batch(payload: dict) -> None:
+    payload["progress"]["batch_in_epoch"] += 1
+
+
+def _fresh_scheduler(payload: dict) -> None:
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=0.003)
+    payload["state"]["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS).state_dict()
+
+
+def _fresh_scaler(payload: dict) -> None:
+    payload["state"]["scaler"] = torch.amp.GradScaler("cpu").state_dict()
+
+
+def _ema_of_the_current_model(payload: dict) -> None:
+    payload["state"]["ema"]["shadow"] = {key: value.clone() for key, value in payload["state"]["model"].items()}
+
+
+def _other_python_rng(payload: dict) -> None:
+    for rank, state in enumerate(payload["rng"]):
+        state["python"] = random.Random(1000 + rank).getstate()
+
+
+def _other_numpy_rng(payload: dict) -> None:
+    for rank, state in enumerate(payload["rng"]):
+        kind, keys, pos, has_gauss, gauss = np.random.RandomState(1000 + rank).get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+
+
+@pytest.mark.parametrize("tamper, key", [
+    (_swap_rank_rng, "loss"),  # dropout masks of the first resumed step
+    (_skip_a_batch, "loss"),  # the first resumed step trains on the next batch
+    (_fresh_scheduler, "lr"),  # the learning rate the first resumed step's scheduler step sets
+], ids=["rng-swapped-between-ranks", "data-position-one-batch-on", "scheduler-not-restored"])
+def test_resume_that_loses_a_piece_of_state_differs_from_the_first_step_it_affects(
+        tmp_path, reference, plain_leg, tamper, key):
+    ckpt_dir = _resume_copy(tmp_path, plain_leg, tamper)
+    assert_diverges_after(ckpt_dir, reference, RESUME_STEP, RESUME_STEP + 1, key)
+
+
+def test_resume_restores_the_scaler_ema_and_python_and_numpy_rng_bit_exactly(tmp_path, controls_reference,
+                                                                           controls_leg):
+    saved = read_step(controls_leg, RESUME_STEP)["state"]
+    assert saved["scaler"]["scale"] < torch.amp.GradScaler("cpu").get_scale(), "the scale never changed"
+    ckpt_dir = _resume_copy(tmp_path, controls_leg, _nothing, *CONTROLS)
+    assert_same_training(ckpt_dir, controls_reference)
+
+
+@pytest.mark.parametrize("tamper, first_difference", [
+    # The initial scale overflows: the first resumed step is skipped, so the next loss differs.
+    (_fresh_scaler, RESUME_STEP + 2),
+    (_other_python_rng, RESUME_STEP + 1),  # the loss of the first resumed step draws from it
+    (_other_numpy_rng, RESUME_STEP + 1),
+], ids=["scaler-not-restored", "python-rng-not-restored", "numpy-rng-not-restored"])
+def test_resume_that_loses_the_scaler_or_the_main_process_rng_differs(tmp_path, controls_reference, controls_leg,
+                                                                      tamper, first_difference):
+    ckpt_dir = _resume_copy(tmp_path, controls_leg, tamper, *CONTROLS)
+    assert_diverges_after(ckpt_dir, controls_reference, RESUME_STEP, first_difference)
+
+
+def test_resume_that_loses_the_ema_ends_with_another_ema_and_the_same_model(tmp_path, controls_reference,
+                                                                            controls_leg):
+    """The EMA never feeds back into training: only the final EMA can show that it was lost."""
+    ckpt_dir = _resume_copy(tmp_path, controls_leg, _ema_of_the_current_model, *CONTROLS)
+    run, ref = newest_payload(ckpt_dir)["state"], newest_payload(controls_reference)["state"]
+    assert_tensors_equal(run["model"], ref["model"], "model")
+    assert all(not torch.equal(run["ema"]["shadow"][key], ref["ema"]["shadow"][key])
+               for key, value in ref["ema"]["shadow"].items() if value.is_floating_point())
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "no-manifest"])
