@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from conftest import (STEPS, assert_diverges_after, assert_resumed_from, assert_same_training, assert_tensors_equal,
-                      kill_tree, metrics, newest_payload, payload_file, read_step, rewrite_payload, run_launch,
-                      skip_unless_required, start_launch, steps_with_saves, uninterrupted_run, wait_for, worker_pids)
+                      kill_tree, metrics, newest_payload, payload_file, read_step, resumed_steps, rewrite_payload,
+                      run_launch, skip_unless_required, start_launch, steps_with_saves, uninterrupted_run, wait_for,
+                      worker_pids)
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.keys import match_state, rename_prefixes, unwrap_model
 from harness.checkpoint.format import UnsafeCheckpoint, torch_load
@@ -191,6 +192,52 @@ def test_resume_that_loses_the_ema_ends_with_another_ema_and_the_same_model(tmp_
     assert_tensors_equal(run["model"], ref["model"], "model")
     assert all(not torch.equal(run["ema"]["shadow"][key], ref["ema"]["shadow"][key])
                for key, value in ref["ema"]["shadow"].items() if value.is_floating_point())
+
+
+def _save_phase(ckpt_dir: Path) -> str:
+    """Where in the save cycle a kill -9 landed, read from what it left on disk."""
+    temps = sorted(str(path.relative_to(ckpt_dir)) for path in ckpt_dir.glob("step_*/*.tmp-*"))
+    if temps:
+        return f"writing {temps[0]}"
+    partial = sorted(path.name for path in ckpt_dir.glob("step_*") if not (path / "manifest.json").exists())
+    if partial:
+        return f"{partial[0]} without its manifest"
+    return "between saves"
+
+
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, reference, writer, record_property):
+    ckpt_dir = tmp_path / "ckpt"
+    rng = random.Random(1234)
+    # Saves are frequent, so kills land inside them too.
+    overrides = ("checkpoint.every_steps=7", f"checkpoint.async_save={writer == 'async'}")
+    phases = []
+    for attempt in range(2):
+        newest = max(steps_with_saves(ckpt_dir), default=None)
+        log = tmp_path / f"attempt-{attempt}.log"
+        launcher = start_launch(ckpt_dir, *overrides, log_path=log)
+        worker_pids(launcher)
+        done_before = max(metrics(ckpt_dir), default=0)
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
+        time.sleep(rng.uniform(0.0, 0.25))
+        kill_tree(launcher)
+        phases.append(_save_phase(ckpt_dir))
+        assert not (ckpt_dir / f"step_{STEPS:09d}" / "manifest.json").exists(), "the run ended before the kill"
+        # Every relaunch continued from the newest complete checkpoint its predecessor left.
+        output = log.read_text()
+        if newest is None:
+            assert "starting fresh" in output and not resumed_steps(output, ckpt_dir), output
+        else:
+            assert_resumed_from(output, ckpt_dir, newest)
+    record_property("kill_phases", phases)
+    print(f"kill -9 landed: {phases}")
+    # Whatever was on disk, every complete checkpoint verifies and the run finishes identically.
+    assert ckpt_main(["verify", str(ckpt_dir)]) == 0
+    newest = steps_with_saves(ckpt_dir)[-1]
+    result = run_launch(ckpt_dir, *overrides)
+    assert result.returncode == 0, result.stderr
+    assert_resumed_from(result.stdout, ckpt_dir, newest)
+    assert_same_training(ckpt_dir, reference)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "no-manifest"])
