@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,6 +100,35 @@ def metrics(ckpt_dir: Path) -> dict[int, dict]:
             row = json.loads(line)
             rows[row["step"]] = row
     return rows
+
+
+def logged_launches(ckpt_dir: Path) -> list[list[int]]:
+    """The steps of metrics.jsonl in file order, split where a step does not follow on from the one
+    before: one list per launch that logged (a relaunch logs again from its resumed step + 1)."""
+    path = ckpt_dir / "metrics.jsonl"
+    launches: list[list[int]] = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.strip():
+            step = json.loads(line)["step"]
+            if not launches or step != launches[-1][-1] + 1:
+                launches.append([])
+            launches[-1].append(step)
+    return launches
+
+
+def assert_resumed_where_the_first_launch_stopped(ckpt_dir: Path, output: str) -> int:
+    """A job stopped once with a save of the step it stopped at (a stop signal, a requeue) and was
+    launched again: the first launch's last logged step has a checkpoint, the next launch resumed from
+    exactly that one and logged on from the step after it. Returns the step. (``output``: the logs of
+    every launch, or of the later ones; rank 0 says where it resumed.)"""
+    launches = logged_launches(ckpt_dir)
+    assert len(launches) >= 2, f"metrics.jsonl shows {len(launches)} launch(es), not a stop and a relaunch"
+    stopped = launches[0][-1]
+    assert stopped in steps_with_saves(ckpt_dir), f"the first launch stopped at {stopped} without its checkpoint"
+    resumed = resumed_steps(output, ckpt_dir)
+    assert resumed and resumed[0] == stopped, f"stopped at step {stopped}, resumed from {resumed}:\n{output[-3000:]}"
+    assert launches[1][0] == stopped + 1, f"the relaunch logged from step {launches[1][0]}, not {stopped + 1}"
+    return stopped
 
 
 def tensorboard_points(folder: Path, tag: str = "loss", purge: bool = True) -> list[tuple[int, float]]:
@@ -293,6 +323,32 @@ def require_module(name: str, why: str):
         return importlib.import_module(name)
     except ImportError as error:
         skip_unless_required(f"{why}: cannot import {name} ({error})")
+
+
+def _supports_odirect(folder: Path) -> bool:
+    from harness.checkpoint.storage.directio import open_direct
+
+    probe = folder / ".odirect-probe"
+    fd = open_direct(str(probe))
+    if fd is None:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def odirect_dir(tmp_path):
+    """A fresh folder on a filesystem that supports O_DIRECT: under tmp_path, or under /var/tmp when
+    tmp_path is on tmpfs (which refuses O_DIRECT, so writes there take the buffered fallback)."""
+    for base in (tmp_path, Path("/var/tmp")):
+        folder = Path(tempfile.mkdtemp(prefix="harness-odirect-", dir=base))
+        if _supports_odirect(folder):
+            yield folder
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(folder)
+    skip_unless_required("neither tmp_path nor /var/tmp is on a filesystem with O_DIRECT")
 
 
 def require_cluster(up: bool, message: str, required_by: str) -> None:

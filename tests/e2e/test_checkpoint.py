@@ -48,7 +48,9 @@ def test_resume_is_bit_exact(tmp_path, reference, stop_step, options):
     _first_leg(ckpt_dir, stop_step, *options)
     result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", *options)
     assert result.returncode == 0, result.stderr
-    assert f"resumed from {ckpt_dir}/step_{stop_step:09d} at step {stop_step}" in result.stdout
+    assert_resumed_from(result.stdout, ckpt_dir, stop_step)
+    # The first leg ran with max_steps=stop_step: the resume says what that changes.
+    assert f"WARNING: trainer.max_steps changed from {stop_step} to {STEPS}" in result.stdout
     assert_same_training(ckpt_dir, reference)
 
 
@@ -237,6 +239,7 @@ def test_kill_9_at_random_instants_always_resumes_to_the_same_result(tmp_path, r
     result = run_launch(ckpt_dir, *overrides)
     assert result.returncode == 0, result.stderr
     assert_resumed_from(result.stdout, ckpt_dir, newest)
+    assert "max_steps changed" not in result.stdout  # nothing changed: no warning
     assert_same_training(ckpt_dir, reference)
 
 
@@ -333,6 +336,8 @@ def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, fail
     try:
         store = CheckpointStore(LocalStorage(str(mount)))
         store.commit(1, lambda f: torch.save({"w": torch.zeros(1000)}, f), {}, payload_name="state.pt")
+        # The ring of aligned buffers exists only once a write went through O_DIRECT.
+        assert (store.storage._ring is not None) == (kind == "ext4"), "not the write path this case names"
         if failure == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         big = {"w": torch.zeros(1_000_000)}  # 4 MB: does not fit on the small disk
@@ -345,12 +350,15 @@ def test_write_failure_is_clear_and_keeps_the_previous_checkpoint(tmp_path, fail
         subprocess.run(["umount", str(mount)])
 
 
-def test_odirect_and_buffered_writes_produce_the_same_file(tmp_path):
+def test_odirect_and_buffered_writes_produce_the_same_file(odirect_dir):
+    tmp_path = odirect_dir
     payload = {"w": torch.randn(3_000_001), "n": torch.arange(7)}  # not a multiple of the alignment
     digests = []
     for direct in (True, False):
         storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
         size, digest = storage.write("state.pt", lambda f: torch.save(payload, f))
+        # The ring of aligned buffers exists only once a write went through O_DIRECT.
+        assert (storage._ring is not None) == direct, "O_DIRECT was not used where the filesystem has it"
         written = (tmp_path / str(direct) / "state.pt").read_bytes()
         assert size == len(written) and digest == checksum.of_bytes(written)
         assert_tensors_equal(torch.load(tmp_path / str(direct) / "state.pt", weights_only=True), payload)
@@ -448,15 +456,82 @@ def test_weights_only_refuses_a_pickle_that_would_run_code(tmp_path):
     assert not marker.exists()
 
 
+def _restore_in_process(ckpt_dir: Path) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The example's model and optimizer restored from ``ckpt_dir`` by a one-rank Session in this
+    process (it has nothing left to train: max_steps is the checkpoint's step)."""
+    from harness import Session
+    from harness.config import validate
+    from harness.env import DistEnv
+    from harness.example import MLP, SyntheticClassification
+
+    single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=0, source="single")
+    cfg = validate({"trainer": {"max_steps": steps_with_saves(ckpt_dir)[-1], "num_threads": 1},
+                    "checkpoint": {"dir": str(ckpt_dir), "every_steps": 1000}})
+    with Session(cfg, env=single) as session:
+        model = session.prepare(MLP())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS)
+        session.register(optimizer=optimizer, scheduler=scheduler)
+        assert not list(session.batches(session.loader(SyntheticClassification(), batch_size=32)))
+        assert session.resumed_from is not None and session.resumed_from.step == session.step
+    return model, optimizer
+
+
 def test_other_world_size_resumes_with_a_warning(tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
     _first_leg(ckpt_dir, 45)
+    # One rank restores exactly the weights and optimizer state that two ranks saved.
+    saved = read_step(ckpt_dir, 45)["state"]
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt_dir, copy)
+    model, optimizer = _restore_in_process(copy)
+    assert_tensors_equal(model.state_dict(), saved["model"], "model")
+    assert_tensors_equal(optimizer.state_dict(), saved["optimizer"], "optimizer")
     result = run_launch(ckpt_dir, "launcher.nproc_per_node=1", "trainer.max_steps=50", f"task.scheduler.T_max={STEPS}")
     assert result.returncode == 0, result.stderr
     assert "checkpoint was written by 2 ranks, this run has 1" in result.stdout
+    assert_resumed_from(result.stdout, ckpt_dir, 45)
     payload = newest_payload(ckpt_dir)
     assert payload["progress"]["step"] == 50 and len(payload["rng"]) == 1
     assert payload["progress"]["batch_in_epoch"] == 13 * 2 + 5  # 13 batches x 2 ranks remapped, +5 steps
+
+
+def test_other_world_size_with_the_same_samples_per_step_matches_the_reference_to_rounding(tmp_path,
+                                                                                         tmp_path_factory):
+    """2 ranks x 32 samples, then 1 rank x 64: the same samples per step, so without dropout (the only
+    per-rank randomness) the run differs from an uninterrupted one by reduction order alone."""
+    no_dropout = "task.model.dropout=0"
+    reference = uninterrupted_run(tmp_path_factory, "no-dropout-reference", no_dropout)
+    ckpt_dir = tmp_path / "ckpt"
+    _first_leg(ckpt_dir, 45, no_dropout)
+    result = run_launch(ckpt_dir, "launcher.nproc_per_node=1", "task.batch_size=64", no_dropout,
+                        f"task.scheduler.T_max={STEPS}")
+    assert result.returncode == 0, result.stderr
+    assert "the sample stream and its augmentations continue exactly" in result.stdout
+    assert_resumed_from(result.stdout, ckpt_dir, 45)
+    run, ref = newest_payload(ckpt_dir), newest_payload(reference)
+    assert run["progress"]["step"] == ref["progress"]["step"] == STEPS
+    assert run["progress"]["epoch"] == ref["progress"]["epoch"]
+    differs = False
+    for name in ("model", "optimizer"):
+        for key, ours, theirs in _tensor_leaves(run["state"][name], ref["state"][name]):
+            assert torch.allclose(ours.double(), theirs.double(), rtol=1e-4, atol=1e-6), f"{name}{key} differs"
+            differs |= not torch.equal(ours, theirs)
+    assert differs, "bit-identical: the resize did not change the reduction order, so this proves nothing"
+
+
+def _tensor_leaves(a, b, path: str = ""):
+    """(path, a's tensor, b's tensor) for every tensor of two nested states with the same structure."""
+    if isinstance(a, torch.Tensor):
+        yield path, a, b
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {path}"
+        for key in a:
+            yield from _tensor_leaves(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from _tensor_leaves(x, y, f"{path}/{index}")
 
 
 def test_ckpt_inspect_json_reports_step_and_identical_digests_for_identical_training(tmp_path, reference, capsys):

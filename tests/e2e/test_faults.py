@@ -8,7 +8,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from conftest import (STEPS, assert_same_training, children, kill_tree, metrics, run_launch, signal_job,
                       skip_unless_required, start_launch, steps_with_saves, wait_for, worker_pids)
@@ -125,3 +124,13 @@ def test_a_stop_that_does_not_fit_the_grace_window_is_reported_with_async_writes
                                  "checkpoint.async_save=true", "preempt.grace_s=0.001")
     assert code == PREEMPTED_EXIT_CODE, output
     assert "WARNING: the signal -> durable checkpoint (uploads included) took" in output, output
+
+
+def test_a_periodic_save_that_does_not_fit_the_grace_window_is_reported(tmp_path):
+    warning = "WARNING: the last checkpoint save took"
+    tight = run_launch(tmp_path / "tight", "trainer.max_steps=40", "checkpoint.every_steps=20", "preempt.grace_s=1e-6")
+    assert tight.returncode == 0, tight.stdout + tight.stderr
+    assert tight.stdout.count(warning) == 2, tight.stdout  # the saves of steps 20 and 40
+    roomy = run_launch(tmp_path / "roomy", "trainer.max_steps=40", "checkpoint.every_steps=20")  # grace_s=30
+    assert roomy.returncode == 0, roomy.stdout + roomy.stderr
+    assert warning not in roomy.stdout, roomy.stdout
