@@ -290,12 +290,12 @@ def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed
     cfg, remote = reference, cfg
     expected = train()
     cfg = remote
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted) as stopped:
         train(stop_at=4)
     assert resumed_at == [None, None]
     assert not [name for name in removed if name.startswith("harness-resume-")]
     resumed = train()
-    assert resumed_at[-1] == 4, "the third run must resume from the checkpoint of step 4"
+    assert resumed_at[-1] == stopped.value.step, "the third run must resume where the second stopped"
     assert torch.equal(resumed.weight, expected.weight)
     copies = [name for name in removed if name.startswith("harness-resume-")]
     assert len(copies) == 1 and copies[0].endswith(".safetensors"), f"one node-local copy, removed: {removed}"
