@@ -62,18 +62,20 @@ def test_config_loop_with_accumulation_precision_clipping_eval_and_ema_resumes_b
 
 def test_values_belong_to_their_step_and_best_checkpoint_is_ranked_by_its_own_eval(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    result = run_launch(ckpt_dir, *REAL_LOOP, "trainer.max_steps=60", "checkpoint.keep_last=1",
+    result = run_launch(ckpt_dir, *REAL_LOOP, "trainer.max_steps=110", "checkpoint.keep_last=1",
                         "trainer.precision=bf16")
     assert result.returncode == 0, result.stderr
     rows = metrics(ckpt_dir)
     assert all(("val_loss" in row) == (step % 10 == 0) for step, row in rows.items()), "stale val_loss"
-    # Saves at 25, 50, 60: 25 has no evaluation of its own, so it is not ranked; 50 and 60 are.
-    manifests = {step: json.loads((ckpt_dir / f"step_{step:09d}" / "manifest.json").read_text())
-                 for step in steps_with_saves(ckpt_dir)}
-    assert manifests[60]["metric"] == rows[60]["val_loss"]
-    kept_best = min((50, 60), key=lambda step: rows[step]["val_loss"])
-    # keep_last=1 keeps 60, keep_best=1 the better of 50 and 60; 25 (unranked) and the loser are pruned.
-    assert sorted(manifests) == sorted({60, kept_best})
+    # Saves at 25, 50, 75, 100, 110: 25 and 75 have no evaluation of their own, so they are not ranked.
+    ranked = (50, 100, 110)
+    assert steps_with_saves(ckpt_dir)[-1] == 110
+    manifest = json.loads((ckpt_dir / "step_000000110" / "manifest.json").read_text())
+    assert manifest["metric"] == rows[110]["val_loss"]
+    kept_best = min(ranked, key=lambda step: rows[step]["val_loss"])
+    # keep_last=1 keeps 110, keep_best=1 the best ranked one; the unranked and at least one ranked
+    # loser that keep_last does not protect are pruned.
+    assert steps_with_saves(ckpt_dir) == sorted({110, kept_best})
 
 
 def _script(ckpt_dir: Path, *script_args: str, **kw):
