@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -100,6 +102,35 @@ def metrics(ckpt_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def logged_launches(ckpt_dir: Path) -> list[list[int]]:
+    """The steps of metrics.jsonl in file order, split where a step does not follow on from the one
+    before: one list per launch that logged (a relaunch logs again from its resumed step + 1)."""
+    path = ckpt_dir / "metrics.jsonl"
+    launches: list[list[int]] = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.strip():
+            step = json.loads(line)["step"]
+            if not launches or step != launches[-1][-1] + 1:
+                launches.append([])
+            launches[-1].append(step)
+    return launches
+
+
+def assert_resumed_where_the_first_launch_stopped(ckpt_dir: Path, output: str) -> int:
+    """A job stopped once with a save of the step it stopped at (a stop signal, a requeue) and was
+    launched again: the first launch's last logged step has a checkpoint, the next launch resumed from
+    exactly that one and logged on from the step after it. Returns the step. (``output``: the logs of
+    every launch, or of the later ones; rank 0 says where it resumed.)"""
+    launches = logged_launches(ckpt_dir)
+    assert len(launches) >= 2, f"metrics.jsonl shows {len(launches)} launch(es), not a stop and a relaunch"
+    stopped = launches[0][-1]
+    assert stopped in steps_with_saves(ckpt_dir), f"the first launch stopped at {stopped} without its checkpoint"
+    resumed = resumed_steps(output, ckpt_dir)
+    assert resumed and resumed[0] == stopped, f"stopped at step {stopped}, resumed from {resumed}:\n{output[-3000:]}"
+    assert launches[1][0] == stopped + 1, f"the relaunch logged from step {launches[1][0]}, not {stopped + 1}"
+    return stopped
+
+
 def tensorboard_points(folder: Path, tag: str = "loss", purge: bool = True) -> list[tuple[int, float]]:
     """(step, value) of every scalar point of ``tag`` as TensorBoard reads the folder: all event files
     in order and, with ``purge``, without the points that a later file's purge_step discards."""
@@ -156,14 +187,62 @@ def assert_tensors_equal(a, b, path: str = "") -> None:
         assert a == b, f"values differ at {path}: {a!r} != {b!r}"
 
 
-def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
-    """Final model, optimizer and scheduler equal bit for bit; every per-step loss equal."""
+def logged(ckpt_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one logged quantity (the last row of a step wins, as for a reader)."""
+    return {step: row[key] for step, row in metrics(ckpt_dir).items() if key in row}
+
+
+def assert_same_training(run_dir: Path, reference_dir: Path, steps: int = STEPS) -> None:
+    """The newest checkpoints of both runs hold the same training, bit for bit: every registered state
+    (model, optimizer, scheduler, EMA, scaler, ...), every rank's RNG states (torch, Python, numpy)
+    and the whole progress (step, epoch, data position); and both logged the same loss at every step
+    from 1 to ``steps`` (two runs that logged nothing are not "the same")."""
     run, ref = newest_payload(run_dir), newest_payload(reference_dir)
-    assert run["progress"]["step"] == ref["progress"]["step"] == STEPS
+    assert run["progress"]["step"] == ref["progress"]["step"] == steps
     assert_tensors_equal(run["state"], ref["state"], "state")
-    run_losses = {step: row["loss"] for step, row in metrics(run_dir).items()}
-    ref_losses = {step: row["loss"] for step, row in metrics(reference_dir).items()}
-    assert run_losses == ref_losses
+    assert run["progress"] == ref["progress"], f"progress differs: {run['progress']} != {ref['progress']}"
+    assert len(run["rng"]) == len(ref["rng"]) >= 1, "the checkpoints hold RNG states of different world sizes"
+    assert_tensors_equal(run["rng"], ref["rng"], "rng")
+    ref_losses = logged(reference_dir)
+    assert sorted(ref_losses) == list(range(1, steps + 1)), "the reference did not log a loss at every step"
+    run_losses = logged(run_dir)
+    differing = sorted(step for step in ref_losses if run_losses.get(step) != ref_losses[step])
+    assert not differing, f"losses differ (or are missing) at steps {differing[:10]}"
+
+
+def assert_diverges_after(run_dir: Path, reference_dir: Path, step: int, first_difference: int,
+                          key: str = "loss") -> None:
+    """Negative control: the run logged the reference's values of ``key`` up to and including ``step``
+    (where it resumed from a tampered checkpoint) and its first differing one is at ``first_difference``;
+    its final model differs too. Proves the comparisons of assert_same_training see the tampered thing."""
+    run_losses, ref_losses = logged(run_dir, key), logged(reference_dir, key)
+    assert sorted(run_losses) == sorted(ref_losses) and ref_losses, "both runs must log every step"
+    assert all(run_losses[s] == ref_losses[s] for s in ref_losses if s <= step), "differs before the resume"
+    differing = [s for s in sorted(ref_losses) if run_losses[s] != ref_losses[s]]
+    assert differing and differing[0] == first_difference, \
+        f"expected the first differing {key} at step {first_difference}, got {differing[:5]}"
+    run_model, ref_model = newest_payload(run_dir)["state"]["model"], newest_payload(reference_dir)["state"]["model"]
+    assert any(not torch.equal(run_model[key], ref_model[key]) for key in ref_model), "the final model is equal"
+
+
+RESUMED = re.compile(r"resumed from (\S+)/step_(\d+) at step (\d+)")
+
+
+def resumed_steps(output: str, ckpt_dir: Path | str) -> list[int]:
+    """The step of every "resumed from <ckpt_dir>/step_N at step N" line in ``output``, in order
+    (each line's folder and step must agree)."""
+    found = []
+    for folder, name_step, step in RESUMED.findall(output):
+        if folder == str(ckpt_dir):
+            assert int(name_step) == int(step), f"resumed from step_{name_step} but at step {step}"
+            found.append(int(step))
+    return found
+
+
+def assert_resumed_from(output: str, ckpt_dir: Path | str, step: int) -> None:
+    """The run resumed exactly once, from ``ckpt_dir``'s checkpoint of ``step``."""
+    assert resumed_steps(output, ckpt_dir) == [step], \
+        f"expected one resume from {ckpt_dir}/step_{step:09d}; the output says:\n{output[-3000:]}"
 
 
 def stop_lines(output: str) -> dict[int, int]:
@@ -225,6 +304,51 @@ def slurm_nodes() -> list[str]:
     if shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode:
         return []
     return subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+
+
+REQUIRE_ALL = "HARNESS_REQUIRE_ALL"  # CI (.ci/run) sets it to 1: every optional-dependency test must run
+
+
+def skip_unless_required(message: str) -> None:
+    """Skip this test (or module) for a missing optional dependency or privilege, or fail it when
+    ``HARNESS_REQUIRE_ALL=1`` says every test must run (CI: a test that silently skips proves nothing)."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{message} ({REQUIRE_ALL}=1: this test must run, not skip)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_module(name: str, why: str):
+    """``pytest.importorskip`` that fails instead of skipping under ``HARNESS_REQUIRE_ALL=1``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        skip_unless_required(f"{why}: cannot import {name} ({error})")
+
+
+def _supports_odirect(folder: Path) -> bool:
+    """Whether the filesystem of ``folder`` accepts O_DIRECT (asked of the kernel, not of harness)."""
+    probe = folder / ".odirect-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.fixture
+def odirect_dir(tmp_path):
+    """A fresh folder on a filesystem that supports O_DIRECT: under tmp_path, or under /var/tmp when
+    tmp_path's filesystem refuses it (tmpfs before Linux 6.6): writes there take the buffered fallback."""
+    for base in (tmp_path, Path("/var/tmp")):
+        folder = Path(tempfile.mkdtemp(prefix="harness-odirect-", dir=base))
+        if _supports_odirect(folder):
+            yield folder
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(folder)
+    skip_unless_required("neither tmp_path nor /var/tmp is on a filesystem with O_DIRECT")
 
 
 def require_cluster(up: bool, message: str, required_by: str) -> None:

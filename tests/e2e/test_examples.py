@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, assert_tensors_equal, kill_tree, metrics, newest_payload, steps_with_saves, wait_for,
-                      worker_pids)
+from conftest import (REPO, assert_tensors_equal, kill_tree, metrics, newest_payload, require_module, steps_with_saves,
+                      wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 # Every example: 2 gloo ranks, one thread each, a metrics row flushed every 2 steps (the tests poll it).
@@ -87,7 +87,7 @@ def gpt_reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_reference(tmp_path_factory) -> Path:
-    pytest.importorskip("transformers")
+    require_module("transformers", "the Hugging Face example needs transformers (pip install -e .[dev])")
     return reference_run(HF, tmp_path_factory)
 
 

@@ -8,10 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from conftest import (STEPS, assert_same_training, children, kill_tree, metrics, run_launch, signal_job,
-                      start_launch, steps_with_saves, wait_for, worker_pids)
+                      skip_unless_required, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 
@@ -108,7 +107,7 @@ def test_a_full_disk_under_the_metrics_file_does_not_stop_training(tmp_path):
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+        skip_unless_required(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:
         ckpt_dir = tmp_path / "ckpt"
         result = run_launch(ckpt_dir, f"trainer.metrics_file={disk}/metrics.jsonl", "trainer.max_steps=400",
@@ -125,3 +124,13 @@ def test_a_stop_that_does_not_fit_the_grace_window_is_reported_with_async_writes
                                  "checkpoint.async_save=true", "preempt.grace_s=0.001")
     assert code == PREEMPTED_EXIT_CODE, output
     assert "WARNING: the signal -> durable checkpoint (uploads included) took" in output, output
+
+
+def test_a_periodic_save_that_does_not_fit_the_grace_window_is_reported(tmp_path):
+    warning = "WARNING: the last checkpoint save took"
+    tight = run_launch(tmp_path / "tight", "trainer.max_steps=40", "checkpoint.every_steps=20", "preempt.grace_s=1e-6")
+    assert tight.returncode == 0, tight.stdout + tight.stderr
+    assert tight.stdout.count(warning) == 2, tight.stdout  # the saves of steps 20 and 40
+    roomy = run_launch(tmp_path / "roomy", "trainer.max_steps=40", "checkpoint.every_steps=20")  # grace_s=30
+    assert roomy.returncode == 0, roomy.stdout + roomy.stderr
+    assert warning not in roomy.stdout, roomy.stdout

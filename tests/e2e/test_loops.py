@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, STEPS, assert_same_training, assert_tensors_equal, kill_tree, metrics,
+from conftest import (REPO, STEPS, assert_resumed_from, assert_same_training, assert_tensors_equal, kill_tree, metrics,
                       newest_payload, read_step, run_launch, start_launch, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
@@ -39,12 +39,12 @@ def _sigterm_rank1_then_resume(tmp_path: Path, *overrides: str, after_step: int 
     assert after_step <= stopped_at < STEPS
     result = run_launch(ckpt_dir, *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"resumed from {ckpt_dir}/step_{stopped_at:09d}" in result.stdout
+    assert_resumed_from(result.stdout, ckpt_dir, stopped_at)
     return ckpt_dir
 
 
-# fp16 (autocast + a saved GradScaler) here; bf16 runs in the test below.
-@pytest.mark.parametrize("precision", ["fp16"])
+# fp16: autocast + a saved GradScaler; bf16: autocast alone.
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_config_loop_with_accumulation_precision_clipping_eval_and_ema_resumes_bit_exactly(tmp_path, precision):
     overrides = [*REAL_LOOP, f"trainer.precision={precision}"]
     reference = tmp_path / "reference"
@@ -62,17 +62,20 @@ def test_config_loop_with_accumulation_precision_clipping_eval_and_ema_resumes_b
 
 def test_values_belong_to_their_step_and_best_checkpoint_is_ranked_by_its_own_eval(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    result = run_launch(ckpt_dir, *REAL_LOOP, "trainer.max_steps=60", "checkpoint.keep_last=1",
+    result = run_launch(ckpt_dir, *REAL_LOOP, "trainer.max_steps=110", "checkpoint.keep_last=1",
                         "trainer.precision=bf16")
     assert result.returncode == 0, result.stderr
     rows = metrics(ckpt_dir)
     assert all(("val_loss" in row) == (step % 10 == 0) for step, row in rows.items()), "stale val_loss"
-    # Saves at 25, 50, 60: 25 has no evaluation of its own, so it is not ranked; 50 and 60 are.
-    manifests = {step: json.loads((ckpt_dir / f"step_{step:09d}" / "manifest.json").read_text())
-                 for step in steps_with_saves(ckpt_dir)}
-    assert manifests[60]["metric"] == rows[60]["val_loss"]
-    kept_best = min((50, 60), key=lambda step: rows[step]["val_loss"])
-    assert kept_best in manifests
+    # Saves at 25, 50, 75, 100, 110: 25 and 75 have no evaluation of their own, so they are not ranked.
+    ranked = (50, 100, 110)
+    assert steps_with_saves(ckpt_dir)[-1] == 110
+    manifest = json.loads((ckpt_dir / "step_000000110" / "manifest.json").read_text())
+    assert manifest["metric"] == rows[110]["val_loss"]
+    kept_best = min(ranked, key=lambda step: rows[step]["val_loss"])
+    # keep_last=1 keeps 110, keep_best=1 the best ranked one; the unranked and at least one ranked
+    # loser that keep_last does not protect are pruned.
+    assert steps_with_saves(ckpt_dir) == sorted({110, kept_best})
 
 
 def _script(ckpt_dir: Path, *script_args: str, **kw):
@@ -105,6 +108,7 @@ def test_a_stop_agreed_anywhere_in_a_users_step_saves_that_whole_step(tmp_path, 
     assert _adam_steps(ckpt_dir, at) == {at}, "the checkpoint must hold exactly `at` optimizer steps"
     resumed = _script(ckpt_dir)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_resumed_from(resumed.stdout, ckpt_dir, at)
     assert_tensors_equal(newest_payload(ckpt_dir)["state"], newest_payload(script_reference)["state"])
 
 

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BASE_OVERRIDES, REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
-                      slurm_nodes, steps_with_saves, uninterrupted_run, wait_for)
+from conftest import (BASE_OVERRIDES, REPO, assert_resumed_where_the_first_launch_stopped, assert_tensors_equal,
+                      metrics, newest_payload, require_cluster, resumed_steps, run_launch, slurm_nodes,
+                      steps_with_saves, uninterrupted_run, wait_for)
 from harness.env import free_port
 from harness.launch.slurm import job_info
 
-pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
+# Queue waits, requeues and a reference run add up past the suite's 600 s default timeout.
+pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.timeout(1800)]
 
 MAX_STEPS = 300
 # Slow enough steps that a signal lands while the job trains, a checkpoint every 50 steps.
@@ -78,7 +80,9 @@ def _logs(ckpt_dir: Path, job_id: str) -> str:
     return "".join(p.read_text() for p in sorted((ckpt_dir / "slurm").glob(f"{job_id}_*_log.*")))
 
 
-def _assert_resumed_exactly(ckpt_dir: Path, job_id: str, reference: Path) -> str:
+def _assert_resumed_exactly(ckpt_dir: Path, job_id: str, reference: Path, newest_before: int | None = None) -> str:
+    """The job completed after a requeue, bit-identical to ``reference``, having resumed where its first
+    run stopped; or, for a run that was killed (``newest_before``: its newest checkpoint), from that."""
     info = _wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
     logs = _logs(ckpt_dir, job_id)
     assert info["JobState"] == "COMPLETED", logs
@@ -86,7 +90,10 @@ def _assert_resumed_exactly(ckpt_dir: Path, job_id: str, reference: Path) -> str
     # Both ranks ran on their own node, before and after the requeue.
     for rank, node in enumerate(NODES):
         assert f"rank {rank}/2 on {node}, job {job_id}, SLURM_RESTART_COUNT=1" in logs, logs
-    assert re.search(r"resumed from .*step_\d+ at step \d+", logs), logs
+    if newest_before is None:
+        assert_resumed_where_the_first_launch_stopped(ckpt_dir, logs)
+    else:
+        assert resumed_steps(logs, ckpt_dir)[:1] == [newest_before], logs
     payload, expected = newest_payload(ckpt_dir), newest_payload(reference)
     assert payload["progress"]["step"] == MAX_STEPS
     assert_tensors_equal(payload["state"], expected["state"], "state")
@@ -153,8 +160,9 @@ def test_a_lost_node_fails_naming_it_and_the_requeued_job_resumes_exactly(tmp_pa
                  what="rank 0 naming the lost node")
         # SLURM notices the silent node after SlurmdTimeout (30 s) and requeues the job.
         _wait_state(job_id, {"PENDING"}, timeout=120)
+        newest = steps_with_saves(ckpt_dir)[-1]  # the requeued job cannot start before n2 is back
         subprocess.run([*CLUSTER, "start", "--nodes", "2"], check=True, capture_output=True, timeout=120)
-        logs = _assert_resumed_exactly(ckpt_dir, job_id, reference)
+        logs = _assert_resumed_exactly(ckpt_dir, job_id, reference, newest_before=newest)
         assert "Node failure on n2" in logs
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)

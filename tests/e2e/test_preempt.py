@@ -62,10 +62,17 @@ def test_signal_to_one_rank_stops_all_ranks_saves_once_and_resumes_exactly(tmp_p
     _resume_and_compare(ckpt_dir, reference, step)
 
 
-def test_sigterm_to_the_launcher_is_forwarded_and_exits_75(tmp_path, reference):
-    ckpt_dir, output = _interrupt(tmp_path, lambda launcher, pids: launcher.send_signal(signal.SIGTERM))
+@pytest.mark.parametrize("sig, seen_as", [
+    (signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT"), (signal.SIGUSR1, "SIGUSR1"),
+    (signal.SIGUSR2, "SIGUSR2"), (signal.SIGHUP, "SIGTERM"),  # a closed terminal: passed on as SIGTERM
+], ids=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"])
+def test_a_stop_signal_to_the_launcher_is_forwarded_to_every_rank_and_exits_75(tmp_path, reference, sig, seen_as):
+    ckpt_dir, output = _interrupt(tmp_path, lambda launcher, pids: launcher.send_signal(sig))
     step = _assert_stopped_together_and_saved_once(ckpt_dir, output)
-    _resume_and_compare(ckpt_dir, reference, step)
+    assert all(f"stopped at step {step} ({seen_as})" in line for line in output.splitlines()
+               if "stopped at step" in line), output
+    if sig == signal.SIGTERM:  # one resume is enough: the ranks stop the same way whatever the signal
+        _resume_and_compare(ckpt_dir, reference, step)
 
 
 def test_two_signals_in_a_row_still_save_once(tmp_path, reference):

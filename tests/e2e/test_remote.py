@@ -22,16 +22,16 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import REPO, assert_tensors_equal, newest_payload, wait_for
+from conftest import REPO, assert_tensors_equal, newest_payload, require_module, skip_unless_required, wait_for
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.layout import step_dir_name
 
-s3fs = pytest.importorskip("s3fs", reason="S3 checkpoint tests need s3fs (pip install -e .[dev])")
-boto3 = pytest.importorskip("boto3", reason="S3 checkpoint tests need boto3 (pip install -e .[dev])")
+s3fs = require_module("s3fs", "S3 checkpoint tests need s3fs (pip install -e .[dev])")
+boto3 = require_module("boto3", "S3 checkpoint tests need boto3 (pip install -e .[dev])")
 
-from harness.checkpoint.storage.fsspec import FsspecStorage  # noqa: E402  (after the importorskip of its backend)
+from harness.checkpoint.storage.fsspec import FsspecStorage  # noqa: E402  (after the check for its backend)
 
 BUCKET = "harness-test"
 SERVER_START_S = 60.0
@@ -44,6 +44,10 @@ S3_MIN_PART = 5 * MIB  # the smallest multipart part S3 (and moto) accept
 class MotoServer:
     endpoint: str
     process: subprocess.Popen
+    log_path: Path  # its request log: one line per HTTP request
+
+    def requests(self) -> list[str]:
+        return [line for line in self.log_path.read_text().splitlines() if '"' in line]
 
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
@@ -72,9 +76,9 @@ def moto_server(tmp_path_factory) -> Iterator[MotoServer]:
     if port is None:
         process.kill()
         process.wait(timeout=30)
-        pytest.skip("moto's S3 server did not start (pip install 'moto[server]'); its output: "
+        skip_unless_required("moto's S3 server did not start (pip install 'moto[server]'); its output: "
                     + log_path.read_text()[-2000:])
-    server = MotoServer(endpoint=f"http://127.0.0.1:{port}", process=process)
+    server = MotoServer(endpoint=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     server.client().create_bucket(Bucket=BUCKET)
     yield server
     process.terminate()
@@ -274,9 +278,9 @@ E2E_OVERRIDES = ["launcher.nproc_per_node=2", "trainer.num_threads=1", "checkpoi
                  f"task.scheduler.T_max={E2E_STEPS}"]  # one LR schedule for every leg
 
 
-def _launch(ckpt_dir: str, max_steps: int) -> subprocess.CompletedProcess:
+def _launch(ckpt_dir: str, max_steps: int, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "harness.launch", "name=t", f"checkpoint.dir={ckpt_dir}",
-               f"trainer.max_steps={max_steps}", *E2E_OVERRIDES]
+               f"trainer.max_steps={max_steps}", *E2E_OVERRIDES, *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -300,3 +304,22 @@ def test_launcher_trains_to_s3_and_resumes_bit_exact(moto_server, s3_url, tmp_pa
     local = newest_payload(local_dir)
     assert remote["progress"] == local["progress"] and remote["progress"]["step"] == E2E_STEPS
     assert_tensors_equal(remote["state"], local["state"], "state")
+
+
+def test_a_resume_from_s3_downloads_the_payload_once_per_node_and_removes_the_copy(moto_server, s3_url, tmp_path,
+                                                                                 monkeypatch):
+    """Two ranks on one node resume from S3: local rank 0 downloads the payload once into a node-local
+    file that both ranks map (one GET, not one per rank), and the file is gone afterwards."""
+    _launch(s3_url, 40)
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(node_tmp))  # where the node-local copy goes (tempfile.gettempdir)
+    before = len(moto_server.requests())
+    # verify=false: rank 0 does not read the payload to check it, so every GET of it is a download.
+    second = _launch(s3_url, E2E_STEPS, "checkpoint.verify=false")
+    assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
+    key = "/" + _key(s3_url, "step_000000040/state.safetensors")
+    gets = [line for line in moto_server.requests()[before:] if f"GET /{BUCKET}{key} " in line]  # ranged or not
+    assert len(gets) == 1, f"expected one download for the node's 2 ranks, got {len(gets)}: {gets}"
+    assert not list(node_tmp.glob("harness-resume-*")), "the node-local copy must be removed"
+    assert _store(s3_url).latest_valid().step == E2E_STEPS

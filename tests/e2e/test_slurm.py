@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, assert_tensors_equal, metrics, newest_payload, require_cluster, run_launch,
-                      slurm_nodes, uninterrupted_run, wait_for)
+from conftest import (REPO, assert_resumed_where_the_first_launch_stopped, assert_tensors_equal, logged, metrics,
+                      newest_payload, require_cluster, run_launch, slurm_nodes, uninterrupted_run, wait_for)
 from harness.launch.slurm import is_time_out, job_info
 
-pytestmark = pytest.mark.slurm
+# Queue waits, requeues and a reference run add up past the suite's 600 s default timeout.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 # Slower steps than the shared configuration, so signals land while the job trains.
 SLURM_OVERRIDES = ("task.model.hidden=768", "trainer.max_steps=200", "checkpoint.every_steps=100")
@@ -77,10 +78,12 @@ def _run_path(tmp_path: Path, slurm_reference: Path, interrupt, submit=_submit) 
     assert info["JobState"] == "COMPLETED", logs
     assert int(info["Restarts"]) >= 1, f"the job was not requeued: {info}"
     assert "SLURM_RESTART_COUNT=1" in logs
-    assert re.search(r"resumed from .*step_\d+ at step \d+", logs)
+    # Tied to the step the first run stopped (and saved) at, read from the metrics file.
+    assert_resumed_where_the_first_launch_stopped(ckpt_dir, logs)
     payload = newest_payload(ckpt_dir)
     assert payload["progress"]["step"] == 200
     assert_tensors_equal(payload["state"], newest_payload(slurm_reference)["state"])
+    assert logged(ckpt_dir) == logged(slurm_reference) and sorted(logged(slurm_reference)) == list(range(1, 201))
     return info
 
 

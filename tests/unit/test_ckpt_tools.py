@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_module
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.payload import Progress, build_payload, capture_rng
 from harness.checkpoint.format import encode
@@ -21,6 +22,8 @@ from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.layout import step_dir_name
 
 REPO = Path(__file__).resolve().parents[2]
+
+SAFETENSORS = "safetensors export needs safetensors (pip install -e .[dev])"
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -199,7 +202,7 @@ def test_export_strips_wrapper_prefixes_and_casts_only_floating_tensors(tmp_path
 
 
 def test_export_safetensors_round_trips_and_diffs_equal_to_the_checkpoint_model(trained, tmp_path, capsys):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = require_module("safetensors.torch", SAFETENSORS)
     root, model, _ = trained
     out = tmp_path / "model.safetensors"
     assert ckpt_main(["export", str(root), str(out), "--format", "safetensors"]) == 0
@@ -215,7 +218,7 @@ def test_export_safetensors_round_trips_and_diffs_equal_to_the_checkpoint_model(
 
 
 def test_export_safetensors_accepts_tied_weights(tmp_path, capsys):
-    pytest.importorskip("safetensors.torch")
+    require_module("safetensors.torch", SAFETENSORS)
     embedding = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
     head.weight = embedding.weight  # tied: two keys, one storage (safetensors refuses shared storage)
@@ -316,7 +319,7 @@ def test_unusable_files_give_a_one_line_error_and_exit_1(tmp_path, capsys, kind,
 
 
 def test_truncated_safetensors_file_is_a_one_line_error(tmp_path, capsys):
-    pytest.importorskip("safetensors.torch")
+    require_module("safetensors.torch", SAFETENSORS)
     source = tmp_path / "w.pt"
     torch.save(_model().state_dict(), source)
     out = tmp_path / "w.safetensors"

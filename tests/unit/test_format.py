@@ -135,7 +135,8 @@ def test_checksums_are_xxh3_and_sha256_manifests_still_verify(tmp_path):
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_odirect_writes_from_page_aligned_memory_equal_buffered_ones(tmp_path, aligned):
+def test_odirect_writes_from_page_aligned_memory_equal_buffered_ones(odirect_dir, aligned):
+    tmp_path = odirect_dir
     size = (20 << 20) + 4096 * 3 + 123  # several requests, a partial page at the end
     memory = mmap.mmap(-1, size + 1)
     rng = random.Random(0)
@@ -146,6 +147,8 @@ def test_odirect_writes_from_page_aligned_memory_equal_buffered_ones(tmp_path, a
     for direct in (True, False):
         storage = LocalStorage(str(tmp_path / str(direct)), direct=direct)
         results[direct] = storage.write("blob", lambda handle: (handle.write(header), handle.write(view)))
+        # The ring of aligned buffers exists only once a write went through O_DIRECT.
+        assert (storage._ring is not None) == direct, "O_DIRECT was not used where the filesystem has it"
         assert (tmp_path / str(direct) / "blob").read_bytes() == header + bytes(view)
     assert results[True] == results[False] == (4096 + size, checksum.of_bytes(header + bytes(view)))
 

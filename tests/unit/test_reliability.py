@@ -244,8 +244,9 @@ def test_follow_reports_a_job_that_stopped_early_instead_of_success(state, statu
 
 
 def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed(tmp_path, monkeypatch):
-    """Resume from an fsspec URL (memory://): the payload is copied once to a node-local file,
-    memory-mapped, and the copy is gone after the restore."""
+    """Resume from an fsspec URL (memory://): the run resumes from the checkpoint of the step it
+    stopped at, through one node-local copy of the payload that is removed after the restore.
+    (Two ranks sharing one download from real S3: tests/e2e/test_remote.py.)"""
     from harness import Preempted, Session
     from harness.env import DistEnv
 
@@ -258,8 +259,20 @@ def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed
     cfg = validate({"trainer": {"max_steps": 8, "num_threads": 1},
                     "checkpoint": {"dir": f"memory://{tmp_path.name}/run", "every_steps": 100}})
 
+    resumed_at = []
+    removed = []
+    unlink = os.unlink
+
+    def recording_unlink(path, *args, **kwargs):  # the real removal, recorded
+        removed.append(os.path.basename(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", recording_unlink)
+
     def train(stop_at: int = 0) -> nn.Linear:
         with Session(cfg, env=single) as session:
+            ref = session.resume_point()
+            resumed_at.append(None if ref is None else ref.step)
             model = session.prepare(nn.Linear(2, 1))
             optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
             session.register(optimizer=optimizer)
@@ -277,8 +290,13 @@ def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed
     cfg, remote = reference, cfg
     expected = train()
     cfg = remote
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted) as stopped:
         train(stop_at=4)
+    assert resumed_at == [None, None]
+    assert not [name for name in removed if name.startswith("harness-resume-")]
     resumed = train()
+    assert resumed_at[-1] == stopped.value.step, "the third run must resume where the second stopped"
     assert torch.equal(resumed.weight, expected.weight)
+    copies = [name for name in removed if name.startswith("harness-resume-")]
+    assert len(copies) == 1 and copies[0].endswith(".safetensors"), f"one node-local copy, removed: {removed}"
     assert not list(tmp_path.glob("harness-resume-*")), "the node-local copy must be removed"
