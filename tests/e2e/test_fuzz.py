@@ -22,7 +22,7 @@ def test_random_faults_never_lose_a_committed_checkpoint_and_relaunches_end_bit_
     trials = int(os.environ.get("HARNESS_FUZZ_TRIALS", "8"))
     required = ["--require-s3"] if os.environ.get("HARNESS_REQUIRE_ALL") == "1" else []
     code = fuzz.main(["--trials", str(trials), "--seed", str(seed), "--workdir", str(tmp_path),
-                      "--report", str(tmp_path / "report.json"), *required])
+                      "--report", str(tmp_path / "report.jsonl"), *required])
     out = capsys.readouterr().out
     assert code == 0, f"seed {seed}:\n{out}"
     assert out.count(": ok") == trials, out

@@ -17,7 +17,7 @@ or EAGAIN (once, or from then on) on a write, delete, listing or manifest read; 
 small tmpfs (root only). Each trial is sync or async, and local or staged to S3 (a moto server on
 loopback, when moto is installed), at random.
 
-    python tests/fuzz/fuzz.py --trials 200 --seed 1 --report fuzz.json
+    python tests/fuzz/fuzz.py --trials 200 --seed 1 --report fuzz.jsonl
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report", type=Path, help="write every trial as JSON here")
+    parser.add_argument("--report", type=Path, help="append every trial here as a line of JSON")
     parser.add_argument("--workdir", type=Path, help="default: a new temporary folder")
     parser.add_argument("--no-s3", action="store_true", help="local folders only (no moto server)")
     parser.add_argument("--require-s3", action="store_true", help="fail when moto's S3 server cannot start")
@@ -316,6 +316,9 @@ def run_trials(args: argparse.Namespace, workdir: Path, log: Path, rng: random.R
     for index in range(args.trials):
         trial = run_trial(index, rng, workdir, reference, log, s3)
         trials.append(trial)
+        if args.report:  # one JSON line per trial as it ends: a long run interrupted keeps its results
+            with open(args.report, "a") as report:
+                report.write(json.dumps(asdict(trial)) + "\n")
         status = "VIOLATION " + "; ".join(trial.violations) if trial.violations else "ok"
         print(f"[fuzz] trial {index + 1}/{args.trials} {trial.kind} {trial.storage} "
               f"{'async' if trial.asynchronous else 'sync'} "
@@ -324,8 +327,6 @@ def run_trials(args: argparse.Namespace, workdir: Path, log: Path, rng: random.R
     failed = [trial for trial in trials if trial.violations]
     print(f"[fuzz] {len(trials)} trials in {time.monotonic() - started:.0f}s: {dict(kinds)}; "
           f"{len(failed)} with violations; job output in {log}")
-    if args.report:
-        args.report.write_text(json.dumps([asdict(trial) for trial in trials], indent=1))
     return 1 if failed else 0
 
 
