@@ -23,11 +23,12 @@ common = ["launcher.nproc_per_node=1", "trainer.max_steps=400", "checkpoint.ever
           "checkpoint.keep_last=0", "trainer.log_every=50", "task.data.num_samples=8192"]
 env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
 
-def launch(ckpt, *extra, wait=True):
+def launch(ckpt, *extra, wait=True, cpu_only=False):
     cmd = [sys.executable, "-m", "harness.launch", "name=gpu", f"checkpoint.dir={ckpt}", *common, *extra]
+    job_env = dict(env, CUDA_VISIBLE_DEVICES="") if cpu_only else env
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        return subprocess.run(cmd, capture_output=True, text=True, env=job_env, timeout=300)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env)
 
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.layout import payload_file
@@ -78,14 +79,24 @@ with Session(cfg) as session:
     results["params_on"] = sorted({str(p.device) for p in model.parameters()})
     results["adam_state_on"] = sorted({str(v.device) for s in opt.state.values() for k, v in s.items() if k != "step"})
     results["adam_step_on"] = sorted({str(s["step"].device) for s in opt.state.values()})
-# A CPU-saved checkpoint (the uninterrupted run's files are device-neutral on load) resumes on the GPU:
-# covered above (payload mapped to CPU, copied to cuda:0). The reverse: load the GPU run's file on CPU.
+# A checkpoint written by a CPU-only run (no GPU visible: gloo) resumes on the GPU: stopped by SIGTERM
+# mid-run, relaunched with the GPU, it must resume (not start fresh) and finish with finite weights.
+cpu_run = os.path.join(work, "cpu-then-gpu"); job = launch(cpu_run, wait=False, cpu_only=True)
+deadline = time.time() + 180
+while time.time() < deadline and not os.path.exists(os.path.join(cpu_run, "step_000000100")):
+    time.sleep(0.1)
+job.send_signal(signal.SIGTERM); job.communicate(timeout=120)
+r3 = launch(cpu_run)
+results["cpu_saved_resumes_on_gpu"] = (job.returncode == 75 and r3.returncode == 0 and "resumed from" in r3.stdout
+                                       and all(torch.isfinite(t).all() for t in final_state(cpu_run)["model"].values()))
+# The reverse: the GPU run's file loads on the CPU.
 cpu = payload_of(os.path.join(run, "step_000000400"))
 results["gpu_file_loads_on_cpu"] = all(t.device.type == "cpu" for t in cpu["state"]["model"].values())
 print(json.dumps(results, indent=1))
 ok = (results["sigterm_exit"] == 75 and results["resume_exit"] == 0 and results["bit_identical_after_sigterm"]
       and results["params_on"] == ["cuda:0"] and results["adam_state_on"] == ["cuda:0"]
-      and results["adam_step_on"] == ["cpu"] and results["gpu_file_loads_on_cpu"])
+      and results["adam_step_on"] == ["cpu"] and results["gpu_file_loads_on_cpu"]
+      and results["cpu_saved_resumes_on_gpu"])
 print("[gpu-check]", "PASSED" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 PY
