@@ -6,6 +6,7 @@ import http.server
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -289,27 +290,34 @@ def test_previous_python_handler_is_chained_and_restored():
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_sigterm_to_the_launcher_during_start_up_still_means_restart_me(tmp_path):
-    """Whether the ranks were still importing (no handlers yet) or already training, the job exits 75."""
-    _, output = _interrupt(tmp_path, lambda launcher, pids: launcher.send_signal(signal.SIGTERM), after_step=0)
-    assert "failed with" not in output
+PAUSE_HOOK = Path(__file__).resolve().parents[1] / "scripts" / "pause_at"
 
 
-def _catches(pid: int, signum: int) -> bool:
-    """Whether the process has a handler for ``signum`` (the SigCgt mask in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    return False
+@pytest.mark.parametrize("phase", ["import_torch", "rendezvous"])
+@pytest.mark.parametrize("target", ["rank1", "launcher"])
+def test_a_stop_signal_at_each_start_up_phase_is_a_stop_request(tmp_path, monkeypatch, phase, target):
+    """Each rank is held at the phase (tests/scripts/pause_at) until the signal has been sent: while
+    it imports torch (no Session yet, only the worker's early handlers) or before the rendezvous.
+    Whoever gets it (a rank, or the launcher that forwards it), the job stops, saves once, exits 75."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_HOOK), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("HARNESS_TEST_PAUSE", phase)
+    monkeypatch.setenv("HARNESS_TEST_PAUSE_DIR", str(pause))
 
-
-def test_sigterm_to_a_rank_while_it_imports_torch_is_a_stop_request(tmp_path):
     def send(launcher, pids):
-        wait_for(lambda: _catches(pids[1], signal.SIGTERM), timeout=30, what="rank 1's early handler")
-        os.kill(pids[1], signal.SIGTERM)  # typically still importing torch: no Session yet
+        wait_for(lambda: all((pause / f"{rank}.{phase}").exists() for rank in (0, 1)), 90, f"both ranks at {phase}")
+        if target == "launcher":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            os.kill(pids[1], signal.SIGTERM)
+        # A moment for the launcher to forward it while the ranks are held (were it late, the
+        # ranks would see it later in start-up: the assertions below hold either way).
+        time.sleep(0.2)
+        (pause / "go").touch()
 
     ckpt_dir, output = _interrupt(tmp_path, send, after_step=0)
     assert "failed with" not in output
     stops = stop_lines(output)
-    assert set(stops) == {0, 1} and len(set(stops.values())) == 1
+    assert set(stops) == {0, 1} and len(set(stops.values())) == 1, output
     assert steps_with_saves(ckpt_dir) == [stops[0]]
