@@ -33,7 +33,7 @@ SKYPILOT = LAUNCH / "skypilot-spot.yaml"
 HARNESS_OVERRIDES = ["name=test", "trainer.max_steps=60", "launcher.nproc_per_node=2",
                      "trainer.num_threads=1", "trainer.log_every=20", "task.model.hidden=1024"]
 
-# A job that exits 75 on its first FAIL_RUNS runs, then 0; on SIGTERM/SIGINT it records the signal
+# A job that exits 75 on its first FAIL_RUNS runs, then 0; on a stop signal it records the signal
 # and exits 75, like the harness after its save.
 FAKE_JOB = """
 import os, signal, sys, time
@@ -44,8 +44,8 @@ def stop(signum, frame):
     open(state + ".signals", "a").write(signal.Signals(signum).name + "\\n")
     time.sleep(0.2)  # "saving"
     sys.exit(75)
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
+for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(forwarded, stop)
 if mode == "block":
     open(state + ".ready", "w").close()
     time.sleep(60)
@@ -214,9 +214,13 @@ def _ignore_sigint() -> None:
 
 @pytest.mark.parametrize("signum, target, inherited", [
     (signal.SIGTERM, "loop", None),
+    (signal.SIGUSR1, "loop", None),
+    (signal.SIGUSR2, "loop", None),
+    (signal.SIGHUP, "loop", None),
     (signal.SIGINT, "process group", None),
     (signal.SIGINT, "process group", _ignore_sigint)],
-    ids=["SIGTERM-to-loop", "SIGINT-to-terminal-group", "SIGINT-to-group-of-a-loop-started-with-SIGINT-ignored"])
+    ids=["SIGTERM-to-loop", "SIGUSR1-to-loop", "SIGUSR2-to-loop", "SIGHUP-to-loop", "SIGINT-to-terminal-group",
+         "SIGINT-to-group-of-a-loop-started-with-SIGINT-ignored"])
 def test_a_signalled_loop_forwards_it_once_and_exits_75_without_restarting(fake_job, signum, target, inherited):
     """A terminal's Ctrl-C reaches the whole foreground process group: the job must still see ONE
     SIGINT (the harness stops without saving on a second one). Also when the loop was started with
