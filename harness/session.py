@@ -303,7 +303,7 @@ class Session:
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
-            enabled=self.env.is_main, sinks=[MetricsFile(metrics_path)] if metrics_path else [])
+            enabled=self.env.is_main)
         self.checkpoints.lock()
         ref = self.resume_point()
         if not self.checkpoints.resumes() and self.checkpoints.holds_checkpoints():
@@ -318,6 +318,8 @@ class Session:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
             self.checkpoints.restore(ref, self._data_unit)
+        if metrics_path:  # opened at the resumed step: rows an interrupted launch logged past it go
+            self._reporter.add_sink(MetricsFile(metrics_path, resumed_step=self.progress.step))
         if self.env.is_main:  # TensorBoard and W&B continue their run after the resumed step
             for sink in open_sinks(self.cfg, self.progress.step, new_run=not self.checkpoints.resumes(),
                                    config_data=self._config_data):
