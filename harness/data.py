@@ -159,7 +159,8 @@ class ResumableSampler(Sampler[SampleKey]):
     """One rank's share of an epoch, from any batch onwards, computed per position.
 
     Yields ``steps * batch_size`` keys per full epoch (whole batches only: every rank takes the same
-    number of optimizer steps), minus the ``start_batch * batch_size`` already consumed.
+    number of optimizer steps), minus the ``start_batch * batch_size`` already consumed; ``len()`` is
+    always the full epoch's.
     """
 
     def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -236,7 +237,9 @@ class ResumableSampler(Sampler[SampleKey]):
             yield from map(SampleKey, indices, seeds)
 
     def __len__(self) -> int:
-        return (self.steps - self.start_batch) * self.batch_size
+        # A full epoch whatever the position: len(loader) is what a script sizes its schedules by,
+        # and it must not shrink after a resume (iteration from a position yields the epoch's tail).
+        return self.steps * self.batch_size
 
 
 def _check_shape(size: int, batch_size: int, rank: int, world_size: int) -> None:

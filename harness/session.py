@@ -75,6 +75,8 @@ class Session:
         self._save_requested = False  # save() called mid-step, carried out when the step ends
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
         self._loader: Optional[DataLoader] = None  # the loader batches() reads
+        self._made_loader: Optional[DataLoader] = None  # the last one session.loader() returned
+        self._accumulate = 1  # micro-batches per step in batches()
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self.peers: list[Peer] = []
@@ -138,6 +140,31 @@ class Session:
     def device(self) -> torch.device:
         return self.env.device
 
+    # ----- where the loop is in its epoch (restored on resume, so a script's per-epoch logic holds) --
+    @property
+    def epoch(self) -> int:
+        """The epoch the current (or next) step's data comes from, counted from 0."""
+        return self.progress.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Loader batches of the current epoch trained on before the current step (micro-batches:
+        ``accumulate`` per step); 0 in an epoch's first step."""
+        return self.progress.batch_in_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch of the loader ``batches()`` reads (before it starts: of
+        the last ``session.loader()``, one batch per step); the same after any resume.
+
+        Raises RuntimeError before any loader exists, TypeError for a stream (no known length)."""
+        loader = self._loader or self._made_loader
+        if loader is None:
+            raise RuntimeError("session.steps_per_epoch needs a loader: call session.loader(...) first")
+        if data_mod.is_stream(loader):
+            raise TypeError("a stream (iterable dataset) has no known epoch length")
+        return data_mod.steps_per_epoch(loader) // self._accumulate
+
     def prepare(self, model: torch.nn.Module, name: str = MODEL) -> torch.nn.Module:
         """Move the model to this rank's device, wrap it in DDP when there are several ranks, and
         register it (unwrapped, so no ``module.`` prefix ever reaches a file)."""
@@ -161,6 +188,11 @@ class Session:
         per-sample augmentation seeds (``harness.data``). Iterable datasets must implement
         ``state_dict()/load_state_dict()``; each rank reads its own stream (``shuffle`` ignored).
         """
+        self._made_loader = self._make_loader(dataset, batch_size, shuffle, num_workers, **kwargs)
+        return self._made_loader
+
+    def _make_loader(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
+                     **kwargs: Any) -> DataLoader:
         if isinstance(dataset, IterableDataset):
             return data_mod.make_stream_loader(dataset, batch_size=batch_size, world_size=self.env.world_size,
                                                num_workers=num_workers, pin_memory=self.env.uses_cuda,
@@ -219,6 +251,7 @@ class Session:
         """
         if accumulate < 1:
             raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
+        self._accumulate = accumulate  # session.steps_per_epoch counts steps of this many batches
         if data_mod.is_stream(loader):
             yield from self._stream_batches(loader, accumulate)
             return
