@@ -77,6 +77,7 @@ class Session:
         self._loader: Optional[DataLoader] = None  # the loader batches() reads
         self._made_loader: Optional[DataLoader] = None  # the last one session.loader() returned
         self._accumulate = 1  # micro-batches per step in batches()
+        self._adopted: Optional[tuple[DataLoader, DataLoader]] = None  # (a script's loader, its copy)
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self.peers: list[Peer] = []
@@ -180,27 +181,39 @@ class Session:
         for name, obj in objects.items():
             self.registry.register(name, obj)
 
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
-               **kwargs: Any) -> DataLoader:
+    def loader(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
+               num_workers: int = 0, **kwargs: Any) -> DataLoader:
         """A DataLoader sharded over ranks whose position the harness saves and restores.
 
-        Map-style datasets: a keyed permutation per epoch, sharded like DistributedSampler, with
-        per-sample augmentation seeds (``harness.data``). Iterable datasets must implement
+        Map-style datasets: DataLoader's keywords (``sampler``, ``batch_sampler``, ``drop_last``,
+        ``persistent_workers``, ...; see ``harness.data.make_loader``); without a sampler, a keyed
+        permutation per epoch (``shuffle`` unset or True), sharded like DistributedSampler; per-sample
+        augmentation and per-batch collate seeds. Iterable datasets must implement
         ``state_dict()/load_state_dict()``; each rank reads its own stream (``shuffle`` ignored).
         """
         self._made_loader = self._make_loader(dataset, batch_size, shuffle, num_workers, **kwargs)
         return self._made_loader
 
-    def _make_loader(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                     **kwargs: Any) -> DataLoader:
+    def _make_loader(self, dataset: Dataset, batch_size: Optional[int], shuffle: Optional[bool],
+                     num_workers: int, **kwargs: Any) -> DataLoader:
         if isinstance(dataset, IterableDataset):
             return data_mod.make_stream_loader(dataset, batch_size=batch_size, world_size=self.env.world_size,
                                                num_workers=num_workers, pin_memory=self.env.uses_cuda,
                                                **kwargs)
+        kwargs.setdefault("pin_memory", self.env.uses_cuda)
         return data_mod.make_loader(dataset, batch_size=batch_size, rank=self.env.rank,
                                     world_size=self.env.world_size, seed=self.cfg.trainer.seed,
-                                    shuffle=shuffle, num_workers=num_workers,
-                                    pin_memory=self.env.uses_cuda, **kwargs)
+                                    shuffle=shuffle, num_workers=num_workers, **kwargs)
+
+    def _adopt(self, loader: DataLoader) -> DataLoader:
+        """``batches()``'s loader, positionable: a plain DataLoader a script built is rebuilt with its
+        options by ``harness.data.adopt`` (once: the same loader passed again gets the same copy)."""
+        if data_mod.is_stream(loader):
+            return loader
+        if self._adopted is None or self._adopted[0] is not loader:
+            self._adopted = (loader, data_mod.adopt(loader, self.env.rank, self.env.world_size,
+                                                    self.cfg.trainer.seed))
+        return self._adopted[1]
 
     def log(self, **values: Any) -> None:
         """Record numbers for THIS step (cleared when the step ends). Tensors are kept as they are
@@ -252,6 +265,7 @@ class Session:
         if accumulate < 1:
             raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
         self._accumulate = accumulate  # session.steps_per_epoch counts steps of this many batches
+        loader = self._adopt(loader)  # a plain DataLoader of the script's own is made resumable
         if data_mod.is_stream(loader):
             yield from self._stream_batches(loader, accumulate)
             return
