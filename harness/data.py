@@ -625,12 +625,19 @@ class StreamLoader(DataLoader):
         self.dataset.load_state_dict(state["dataset"])
 
 
-def release(loader: Optional[DataLoader]) -> None:
+def release(loader: Optional[DataLoader], persistent_too: bool = False) -> None:
     """Drop the live iterator a loader keeps itself (torchdata's StatefulDataLoader does, to report
-    its state), so its worker processes shut down now rather than at interpreter exit. A stream's
-    position was read into the checkpoint already; the next ``iter()`` starts from load_state_dict."""
-    if loader is not None and getattr(loader, "_iterator", None) is not None and not loader.persistent_workers:
-        loader._iterator = None  # private, but the only handle: StatefulDataLoader keeps it there
+    its state; DataLoader does with ``persistent_workers``), so its worker processes shut down now
+    rather than at interpreter exit. A stream's position was read into the checkpoint already; the
+    next ``iter()`` starts from load_state_dict. Persistent workers are kept between epochs unless
+    ``persistent_too`` (the session closes: a stop or an error)."""
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if iterator is None or (loader.persistent_workers and not persistent_too):
+        return
+    loader._iterator = None  # private, but the only handle: StatefulDataLoader keeps it there
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):  # now, not whenever the garbage collector gets to it
+        shutdown()
 
 
 def is_stream(loader: DataLoader) -> bool:

@@ -124,6 +124,7 @@ class Session:
                 # Gloo fails fast when a peer is gone: nobody leaves before everybody is done.
                 dist.barrier()
         finally:
+            data_mod.release(self._loader, persistent_too=True)  # persistent workers end with the run
             if self._spot is not None:
                 self._spot.stop()
             if self._reporter is not None:
