@@ -25,13 +25,15 @@ that accumulates while iterating:
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler, default_collate, get_worker_info)
 
 from harness.stop.flag import ChainedWorkerInit
 
@@ -57,6 +59,7 @@ _TAG_ORDER = 0x6F72646572  # "order"
 _TAG_DRAW = 0x64726177  # "draw" (sampling with replacement)
 _TAG_SAMPLE = 0x73616D706C65  # "sample" (per-sample augmentation seeds)
 _TAG_LOADER = 0x6C6F61646572  # "loader" (the DataLoader's generator: worker base seeds)
+_TAG_COLLATE = 0x636F6C6C617465  # "collate" (a batch's collate_fn seed, from its first sample's)
 
 
 # ----- keyed hashing ------------------------------------------------------------------------------
@@ -159,12 +162,13 @@ class ResumableSampler(Sampler[SampleKey]):
     """One rank's share of an epoch, from any batch onwards, computed per position.
 
     Yields ``steps * batch_size`` keys per full epoch (whole batches only: every rank takes the same
-    number of optimizer steps), minus the ``start_batch * batch_size`` already consumed.
+    number of optimizer steps), minus the ``start_batch * batch_size`` already consumed; ``len()`` is
+    always the full epoch's.
     """
 
     def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, replacement: bool = False):
-        _check_shape(size, batch_size, rank, world_size)
+                 shuffle: bool = True, replacement: bool = False, drop_last: bool = True):
+        _check_shape(size, batch_size if drop_last else 1, rank, world_size)
         if replacement and not shuffle:
             raise ValueError("replacement=True draws random indices; it cannot be combined with "
                              "shuffle=False (use replacement=False for a fixed order)")
@@ -174,6 +178,7 @@ class ResumableSampler(Sampler[SampleKey]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.replacement = replacement
+        self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
@@ -182,13 +187,23 @@ class ResumableSampler(Sampler[SampleKey]):
 
     @property
     def num_samples(self) -> int:
-        """This rank's share of an epoch, as DistributedSampler(drop_last=True) computes it."""
-        return self.size // self.world_size
+        """This rank's share of an epoch, as DistributedSampler computes it: with ``drop_last`` the
+        remainder of ``size / world_size`` is left out, without it the epoch is padded by wrapping
+        around to its first positions."""
+        return self.size // self.world_size if self.drop_last else -(-self.size // self.world_size)
 
     @property
     def steps(self) -> int:
-        """Full batches per epoch (the same on every rank; ``size // global_batch``)."""
-        return self.num_samples // self.batch_size
+        """Batches per epoch, the same on every rank: full ones only with ``drop_last``
+        (``size // global_batch``), else the last, partial one too."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    @property
+    def epoch_samples(self) -> int:
+        """Keys this rank yields in a full epoch."""
+        return self.steps * self.batch_size if self.drop_last else self.num_samples
 
     @property
     def global_batch(self) -> int:
@@ -218,7 +233,9 @@ class ResumableSampler(Sampler[SampleKey]):
         return np.arange(first, stop, dtype=np.uint64) * np.uint64(self.world_size) + np.uint64(self.rank)
 
     def indices_at(self, positions: np.ndarray) -> np.ndarray:
-        """The sample index at each global position of the current epoch (uint64 array)."""
+        """The sample index at each global position of the current epoch (uint64 array); positions
+        past the dataset (``drop_last=False``'s padding) wrap around to the epoch's first ones."""
+        positions = positions % np.uint64(self.size)
         if self.replacement:
             return draws_with_replacement(self.size, self.seed, self.epoch, positions)
         if self._order is None:  # shuffle=False: the dataset's own order, as DistributedSampler
@@ -226,7 +243,7 @@ class ResumableSampler(Sampler[SampleKey]):
         return self._order(positions)
 
     def __iter__(self) -> Iterator[SampleKey]:
-        stop = self.steps * self.batch_size
+        stop = self.epoch_samples
         # Bind the position now: set_position during iteration must not change this pass.
         seed, epoch, first = self.seed, self.epoch, self.start_batch * self.batch_size
         for chunk_start in range(first, stop, POSITIONS_PER_CHUNK):
@@ -236,7 +253,9 @@ class ResumableSampler(Sampler[SampleKey]):
             yield from map(SampleKey, indices, seeds)
 
     def __len__(self) -> int:
-        return (self.steps - self.start_batch) * self.batch_size
+        # A full epoch whatever the position: len(loader) is what a script sizes its schedules by,
+        # and it must not shrink after a resume (iteration from a position yields the epoch's tail).
+        return self.epoch_samples
 
 
 def _check_shape(size: int, batch_size: int, rank: int, world_size: int) -> None:
@@ -252,15 +271,119 @@ def _check_shape(size: int, batch_size: int, rank: int, world_size: int) -> None
                          "shrink the batch or add data")
 
 
+# ----- a user's sampler or batch sampler -----------------------------------------------------------
+class UserSampler(Sampler[SampleKey]):
+    """A user's sampler (this rank's indices, DistributedSampler's contract), made positionable.
+
+    Epoch ``e`` from batch ``b``: ``set_epoch(e)`` when the sampler has it, then the first
+    ``b * batch_size`` indices are drawn and dropped (index draws only, no sample is loaded); each
+    key's seed hashes the global position ``local * world_size + rank`` as ``ResumableSampler``'s.
+    Exact when the sampler's order is a function of ``set_epoch`` (or fixed), as DistributedSampler,
+    torchvision's RASampler and torchdata's StatefulDistributedSampler are (the latter's own
+    position is not needed: a fresh ``iter()`` after ``set_epoch`` starts at the epoch's first index).
+    Raises TypeError for a sampler without ``__len__`` (the epoch's length sizes steps and skips).
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, rank: int, world_size: int, seed: int,
+                 drop_last: bool = True):
+        if not hasattr(sampler, "__len__"):
+            raise TypeError(f"sampler {type(sampler).__name__} has no __len__: the harness needs the "
+                            "epoch's length to count steps and to position a resume")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+        self.drop_last = drop_last
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
+        if self.steps < 1:
+            raise ValueError(f"sampler {type(sampler).__name__} yields {len(sampler)} indices per epoch, "
+                             f"fewer than batch_size={batch_size} with drop_last=True")
+
+    @property
+    def steps(self) -> int:
+        size = len(self.sampler)
+        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.steps * self.batch_size if self.drop_last else len(self.sampler)
+
+    def set_position(self, seed: int, epoch: int, batch_in_epoch: int) -> None:
+        """Start at batch ``batch_in_epoch`` of epoch ``epoch`` (ValueError past the epoch's end)."""
+        if not 0 <= batch_in_epoch <= self.steps:
+            raise ValueError(f"batch {batch_in_epoch} is past the end of the epoch: its sampler gives "
+                             f"{self.steps} batches of {self.batch_size}")
+        self.seed, self.epoch, self.start_batch = seed, epoch, batch_in_epoch
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        seed, epoch, first, stop = self.seed, self.epoch, self.start_batch * self.batch_size, self.epoch_samples
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+        indices = itertools.islice(iter(self.sampler), first, stop)  # the skip: index draws only
+        for chunk_start in range(first, stop, POSITIONS_PER_CHUNK):
+            chunk = list(itertools.islice(indices, POSITIONS_PER_CHUNK))
+            positions = np.arange(chunk_start, chunk_start + len(chunk), dtype=np.uint64)
+            seeds = sample_seeds(seed, epoch, positions * np.uint64(self.world_size) + np.uint64(self.rank))
+            yield from map(SampleKey, chunk, seeds.tolist())
+
+    def __len__(self) -> int:
+        return self.epoch_samples
+
+
+class UserBatchSampler(Sampler[list]):
+    """A user's batch sampler (lists of this rank's indices), made positionable like ``UserSampler``:
+    ``set_epoch(e)`` when it has it, then ``b`` batches drawn and dropped. Sample ``j`` of batch ``k``
+    is seeded from the global position ``(k * world_size + rank) * 2**32 + j``."""
+
+    def __init__(self, batch_sampler: Sampler, rank: int, world_size: int, seed: int):
+        if not hasattr(batch_sampler, "__len__"):
+            raise TypeError(f"batch_sampler {type(batch_sampler).__name__} has no __len__: the harness "
+                            "needs the epoch's length to count steps and to position a resume")
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def global_batch(self) -> int:
+        """Batches, not samples, per step over all ranks: a batch sampler's batches may vary in size."""
+        return self.world_size
+
+    def set_position(self, seed: int, epoch: int, batch_in_epoch: int) -> None:
+        if not 0 <= batch_in_epoch <= self.steps:
+            raise ValueError(f"batch {batch_in_epoch} is past the end of the epoch: its batch sampler "
+                             f"gives {self.steps} batches")
+        self.seed, self.epoch, self.start_batch = seed, epoch, batch_in_epoch
+
+    def __iter__(self) -> Iterator[list]:
+        seed, epoch = self.seed, self.epoch
+        if callable(getattr(self.batch_sampler, "set_epoch", None)):
+            self.batch_sampler.set_epoch(epoch)
+        batches = itertools.islice(iter(self.batch_sampler), self.start_batch, None)
+        for number, batch in enumerate(batches, start=self.start_batch):
+            first = np.uint64(number * self.world_size + self.rank) << np.uint64(32)
+            seeds = sample_seeds(seed, epoch, first + np.arange(len(batch), dtype=np.uint64))
+            yield list(map(SampleKey, batch, seeds.tolist()))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 # ----- per-sample seeding -------------------------------------------------------------------------
 class SeededSamples(Dataset):
-    """Wraps a map-style dataset: ``self[SampleKey(i, s)]`` is ``dataset[i]`` drawn under seed ``s``.
+    """Wraps a map-style dataset: ``self[SampleKey(i, s)]`` is ``(s, dataset[i])``, drawn under seed ``s``.
 
     With ``seed_samples`` the global RNGs that augmentations use (torch's CPU generator, ``random``,
     ``numpy.random``) are seeded from ``s`` before the call and restored afterwards, also when it
     raises; CUDA generators are not touched. torch and numpy's legacy ``seed(int)`` keep 32 bits of a
     seed, so among ~65k samples two share those streams about once (``random`` takes all 64 bits).
     With ``seed_samples=False`` the dataset draws from whatever state the process has (a control).
+    The seed travels with the sample to ``SeededCollate``, which seeds the batch's collate from it.
     """
 
     def __init__(self, dataset: Dataset, seed_samples: bool = True):
@@ -270,24 +393,48 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: SampleKey) -> Any:
+    def __getitem__(self, key: SampleKey) -> tuple[int, Any]:
         index, sample_seed = key
         if not self.seed_samples:
-            return self.dataset[index]
-        if get_worker_info() is not None:
-            # A DataLoader worker: its global RNGs serve nothing else, nothing to restore.
-            _seed_global_rngs(sample_seed)
-            return self.dataset[index]
-        # The main process (num_workers=0): training's RNG (dropout) must not see the sample's draws.
-        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
-        numpy_state = np.random.get_state()
-        try:
-            _seed_global_rngs(sample_seed)
-            return self.dataset[index]
-        finally:
-            torch.default_generator.set_state(torch_state)
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            return sample_seed, self.dataset[index]
+        return sample_seed, call_seeded(sample_seed, self.dataset.__getitem__, index)
+
+
+class SeededCollate:
+    """The loader's ``collate_fn``: strips the seeds ``SeededSamples`` attached and calls the user's
+    collate with the global RNGs seeded from the batch's first sample's seed (so from (seed, epoch,
+    the batch's position, rank)), in a worker or in the main process alike; the main process's
+    training RNG is restored afterwards. ``seed_collate=False``: no seeding (a control). The default
+    collate draws no random numbers and is called unseeded (no cost)."""
+
+    def __init__(self, collate_fn: Optional[Callable], seed_collate: bool = True):
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.seeded = seed_collate and self.collate_fn is not default_collate
+
+    def __call__(self, keyed: list) -> Any:
+        samples = [sample for _, sample in keyed]
+        if not self.seeded or not keyed:
+            return self.collate_fn(samples)
+        return call_seeded(derive_key(_TAG_COLLATE, keyed[0][0]), self.collate_fn, samples)
+
+
+def call_seeded(seed: int, function: Callable, *args: Any) -> Any:
+    """``function(*args)`` with torch's CPU generator, ``random`` and ``numpy.random`` seeded from
+    ``seed``; in the main process (not a DataLoader worker) their states are restored afterwards,
+    also when it raises, so training's RNG (dropout) never sees these draws."""
+    if get_worker_info() is not None:
+        # A DataLoader worker: its global RNGs serve nothing else, nothing to restore.
+        _seed_global_rngs(seed)
+        return function(*args)
+    torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        _seed_global_rngs(seed)
+        return function(*args)
+    finally:
+        torch.default_generator.set_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _seed_global_rngs(sample_seed: int) -> None:
@@ -301,56 +448,158 @@ def _seed_global_rngs(sample_seed: int) -> None:
 
 
 # ----- the loader ---------------------------------------------------------------------------------
-def make_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False,
+# DataLoader options the harness passes through unchanged: they change how batches are made, never
+# which samples a batch holds.
+PASSED_OPTIONS = ("timeout", "multiprocessing_context", "prefetch_factor", "persistent_workers",
+                  "pin_memory_device")
+
+
+def make_loader(dataset: Dataset, batch_size: Optional[int], rank: int, world_size: int, seed: int,
+                shuffle: Optional[bool] = None, num_workers: int = 0, pin_memory: bool = False,
                 collate_fn: Optional[Callable] = None,
                 worker_init_fn: Optional[Callable[[int], None]] = None,
-                replacement: bool = False, seed_samples: bool = True) -> DataLoader:
+                replacement: bool = False, seed_samples: bool = True, *,
+                sampler: Optional[Sampler] = None, batch_sampler: Optional[Sampler] = None,
+                drop_last: bool = True, in_order: bool = True, seed_collate: bool = True,
+                generator: Optional[torch.Generator] = None, **passed: Any) -> DataLoader:
     """A loader over this rank's share of each epoch whose position can be set to any batch.
 
-    Full batches only; workers ignore stop signals (the main process saves, so workers must not die
+    Takes DataLoader's keywords. Order: without ``sampler``/``batch_sampler`` the harness's keyed
+    permutation (``shuffle``, default True) sharded over ranks; ``sampler=`` a user's sampler of this
+    rank's indices (``UserSampler``), ``batch_sampler=`` a user's batch sampler (``UserBatchSampler``).
+    ``drop_last`` (default True): full batches only; False: an epoch's last, partial batch too (the
+    harness's order is then padded as DistributedSampler pads). ``timeout``,
+    ``multiprocessing_context``, ``prefetch_factor``, ``persistent_workers``, ``pin_memory_device``:
+    passed through. Workers ignore stop signals (the main process saves, so workers must not die
     first); the loader has its own generator, seeded per (seed, epoch, rank), so ``iter()`` never
     draws from the global RNG. ``replacement``: draw indices with replacement (``n`` per epoch).
-    ``seed_samples``: seed the global RNGs per sample around ``dataset[i]`` (see ``SeededSamples``).
+    ``seed_samples``/``seed_collate``: seed the global RNGs per sample around ``dataset[i]`` and per
+    batch around ``collate_fn`` (``SeededSamples``, ``SeededCollate``); False only as controls.
     ``loader.dataset`` is the ``SeededSamples`` wrapper; the user's dataset is its ``.dataset``.
 
-    Raises TypeError for an iterable-style dataset, ValueError when ``batch_size`` exceeds a rank's
-    share of an epoch.
+    Raises TypeError for an iterable-style dataset, a ``generator`` (the harness seeds the loader
+    from ``trainer.seed``) or an unknown keyword; ValueError for ``in_order=False`` (batches in
+    completion order: N batches done is not the epoch's first N, so no position can be saved),
+    ``shuffle=True`` with a sampler, options DataLoader combines only with ``batch_size`` given
+    together with ``batch_sampler``, and a batch larger than a rank's share of an epoch.
     """
+    _refuse_unkeepable(dataset, passed, in_order, generator)
+    if sampler is not None or batch_sampler is not None:
+        if shuffle:
+            raise ValueError("shuffle=True with a sampler or batch_sampler: the sampler decides the order "
+                             "(DataLoader refuses the pair too); leave shuffle unset")
+        if sampler is not None and batch_sampler is not None:
+            raise ValueError("sampler and batch_sampler are mutually exclusive (as in DataLoader)")
+    options: dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin_memory,
+                                   collate_fn=SeededCollate(collate_fn, seed_collate),
+                                   worker_init_fn=ChainedWorkerInit(worker_init_fn),
+                                   generator=torch.Generator().manual_seed(loader_seed(seed, 0, rank)), **passed)
+    wrapped = SeededSamples(dataset, seed_samples)
+    if batch_sampler is not None:
+        positioned = UserBatchSampler(batch_sampler, rank=rank, world_size=world_size, seed=seed)
+        return DataLoader(wrapped, batch_sampler=positioned, **options)
+    if batch_size is None:
+        raise ValueError("batch_size=None (no batching) is not supported: the harness counts steps in "
+                         "batches; pass batch_size or a batch_sampler")
+    if sampler is not None:
+        positioned = UserSampler(sampler, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                 drop_last=drop_last)
+    else:
+        positioned = ResumableSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size,
+                                      seed=seed, shuffle=True if shuffle is None else shuffle,
+                                      replacement=replacement, drop_last=drop_last)
+    return DataLoader(wrapped, batch_size=batch_size, sampler=positioned, drop_last=drop_last, **options)
+
+
+def _refuse_unkeepable(dataset: Dataset, passed: dict, in_order: bool, generator: Any) -> None:
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         raise TypeError(f"{type(dataset).__name__} is not a map-style dataset with __len__: the "
                         "harness positions data by index (dataset[i] for i < len(dataset))")
-    sampler = ResumableSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size,
-                               seed=seed, shuffle=shuffle, replacement=replacement)
-    return DataLoader(SeededSamples(dataset, seed_samples), batch_size=batch_size, sampler=sampler,
-                      drop_last=True, num_workers=num_workers, pin_memory=pin_memory,
-                      collate_fn=collate_fn, worker_init_fn=ChainedWorkerInit(worker_init_fn),
-                      generator=torch.Generator().manual_seed(loader_seed(seed, 0, rank)),
-                      persistent_workers=False)
+    unknown = sorted(set(passed) - set(PASSED_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected DataLoader option(s) {unknown}: the harness's loader takes "
+                        "batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory, "
+                        f"drop_last, worker_init_fn, in_order, {', '.join(PASSED_OPTIONS)}")
+    if generator is not None:
+        raise TypeError("generator=: the harness seeds the loader's generator per (trainer.seed, epoch, "
+                        "rank) so that a resume draws the same; set trainer.seed instead")
+    if not in_order:
+        raise ValueError("in_order=False hands out batches as workers finish them: the N batches "
+                         "trained on are then not the epoch's first N, so the position cannot be saved "
+                         "and a resume would repeat or skip samples; leave in_order=True")
 
 
-def _sampler_of(loader: DataLoader) -> ResumableSampler:
+def adopt(loader: DataLoader, rank: int, world_size: int, seed: int) -> DataLoader:
+    """A resumable loader with the options of ``loader``, a plain DataLoader a script built.
+
+    Its sampler is kept (resumed by ``set_epoch`` and a skip, see ``UserSampler``), except
+    DataLoader's own defaults: ``RandomSampler`` (``shuffle=True``) and ``SequentialSampler``
+    become the harness's sharded order, shuffled or not, since they would give every rank the
+    whole dataset. A user's batch sampler is kept likewise. A loader the harness made is returned
+    as it is. Raises TypeError for an iterable dataset (use ``session.loader``, which needs its
+    position protocol), plus what ``make_loader`` raises for options it cannot keep.
+    """
+    if _positioner_or_none(loader) is not None:
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError("a DataLoader over an IterableDataset cannot be positioned from outside: build it "
+                        "with session.loader(dataset, ...), which saves the stream's own position")
+    options: dict[str, Any] = {name: getattr(loader, name) for name in PASSED_OPTIONS}
+    if loader.num_workers == 0:
+        options.pop("prefetch_factor")  # DataLoader refuses it without workers
+    options.update(num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                   collate_fn=None if loader.collate_fn is default_collate else loader.collate_fn,
+                   worker_init_fn=loader.worker_init_fn, in_order=getattr(loader, "in_order", True))
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return make_loader(loader.dataset, None, rank, world_size, seed, batch_sampler=batch_sampler, **options)
     sampler = loader.sampler
-    if not isinstance(sampler, ResumableSampler):
+    if isinstance(sampler, (RandomSampler, SequentialSampler)):
+        shuffle, sampler = isinstance(sampler, RandomSampler), None
+    else:
+        shuffle = None
+    return make_loader(loader.dataset, loader.batch_size, rank, world_size, seed, shuffle=shuffle,
+                       sampler=sampler, drop_last=loader.drop_last, **options)
+
+
+def _positioner_or_none(loader: DataLoader):
+    if isinstance(loader.batch_sampler, UserBatchSampler):
+        return loader.batch_sampler
+    if isinstance(loader.sampler, (ResumableSampler, UserSampler)):
+        return loader.sampler
+    return None
+
+
+def _sampler_of(loader: DataLoader):
+    positioner = _positioner_or_none(loader)
+    if positioner is None:
         raise TypeError("the loader's position cannot be restored: build it with session.loader(...) "
-                        "or harness.data.make_loader(...)")
-    return sampler
+                        "or harness.data.make_loader(...), or pass it to session.batches(), which adopts "
+                        "a plain DataLoader")
+    return positioner
+
+
+def uses_own_sampler(loader: DataLoader) -> bool:
+    """Whether a harness loader's order comes from a user's sampler or batch sampler."""
+    return not isinstance(_sampler_of(loader), ResumableSampler)
 
 
 def steps_per_epoch(loader: DataLoader) -> int:
-    """Optimizer steps in a full epoch: ``len(dataset) // (world_size * batch_size)``."""
+    """Loader batches in a full epoch, the same on every rank and after any resume."""
     return _sampler_of(loader).steps
 
 
 def global_batch_size(loader: DataLoader) -> int:
-    """Samples per optimizer step over all ranks (``world_size * batch_size``)."""
+    """Samples per optimizer step over all ranks (``world_size * batch_size``); with a user's batch
+    sampler, batches (``world_size``): its batches may vary in size."""
     return _sampler_of(loader).global_batch
 
 
 def position_loader(loader: DataLoader, seed: int, epoch: int, batch_in_epoch: int) -> None:
     """Make the next ``iter(loader)`` yield epoch ``epoch`` from batch ``batch_in_epoch`` on.
 
-    O(1) in the dataset's size: no index before the position is computed or loaded. Also reseeds
+    With the harness's order O(1) in the dataset's size: no index before the position is computed
+    or loaded; with a user's sampler the indices before it are drawn and dropped. Also reseeds
     the loader's generator for (seed, epoch, rank). Raises ValueError for a position past the end of
     the epoch (``batch_in_epoch > steps_per_epoch(loader)``), TypeError for a foreign loader.
     """
@@ -376,12 +625,19 @@ class StreamLoader(DataLoader):
         self.dataset.load_state_dict(state["dataset"])
 
 
-def release(loader: Optional[DataLoader]) -> None:
+def release(loader: Optional[DataLoader], persistent_too: bool = False) -> None:
     """Drop the live iterator a loader keeps itself (torchdata's StatefulDataLoader does, to report
-    its state), so its worker processes shut down now rather than at interpreter exit. A stream's
-    position was read into the checkpoint already; the next ``iter()`` starts from load_state_dict."""
-    if loader is not None and getattr(loader, "_iterator", None) is not None and not loader.persistent_workers:
-        loader._iterator = None  # private, but the only handle: StatefulDataLoader keeps it there
+    its state; DataLoader does with ``persistent_workers``), so its worker processes shut down now
+    rather than at interpreter exit. A stream's position was read into the checkpoint already; the
+    next ``iter()`` starts from load_state_dict. Persistent workers are kept between epochs unless
+    ``persistent_too`` (the session closes: a stop or an error)."""
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if iterator is None or (loader.persistent_workers and not persistent_too):
+        return
+    loader._iterator = None  # private, but the only handle: StatefulDataLoader keeps it there
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):  # now, not whenever the garbage collector gets to it
+        shutdown()
 
 
 def is_stream(loader: DataLoader) -> bool:

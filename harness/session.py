@@ -77,6 +77,9 @@ class Session:
         self._save_requested = False  # save() called mid-step, carried out when the step ends
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
         self._loader: Optional[DataLoader] = None  # the loader batches() reads
+        self._made_loader: Optional[DataLoader] = None  # the last one session.loader() returned
+        self._accumulate = 1  # micro-batches per step in batches()
+        self._adopted: Optional[tuple[DataLoader, DataLoader]] = None  # (a script's loader, its copy)
         self._reporter: Optional[ProgressReporter] = None
         self._spot: Optional[SpotPoller] = None
         self.peers: list[Peer] = []
@@ -123,6 +126,7 @@ class Session:
                 # Gloo fails fast when a peer is gone: nobody leaves before everybody is done.
                 dist.barrier()
         finally:
+            data_mod.release(self._loader, persistent_too=True)  # persistent workers end with the run
             if self._spot is not None:
                 self._spot.stop()
             if self._reporter is not None:
@@ -140,6 +144,31 @@ class Session:
     def device(self) -> torch.device:
         return self.env.device
 
+    # ----- where the loop is in its epoch (restored on resume, so a script's per-epoch logic holds) --
+    @property
+    def epoch(self) -> int:
+        """The epoch the current (or next) step's data comes from, counted from 0."""
+        return self.progress.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Loader batches of the current epoch trained on before the current step (micro-batches:
+        ``accumulate`` per step); 0 in an epoch's first step."""
+        return self.progress.batch_in_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch of the loader ``batches()`` reads (before it starts: of
+        the last ``session.loader()``, one batch per step); the same after any resume.
+
+        Raises RuntimeError before any loader exists, TypeError for a stream (no known length)."""
+        loader = self._loader or self._made_loader
+        if loader is None:
+            raise RuntimeError("session.steps_per_epoch needs a loader: call session.loader(...) first")
+        if data_mod.is_stream(loader):
+            raise TypeError("a stream (iterable dataset) has no known epoch length")
+        return data_mod.steps_per_epoch(loader) // self._accumulate
+
     def prepare(self, model: torch.nn.Module, name: str = MODEL) -> torch.nn.Module:
         """Move the model to this rank's device, wrap it in DDP when there are several ranks, and
         register it (unwrapped, so no ``module.`` prefix ever reaches a file)."""
@@ -155,22 +184,39 @@ class Session:
         for name, obj in objects.items():
             self.registry.register(name, obj)
 
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
-               **kwargs: Any) -> DataLoader:
+    def loader(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
+               num_workers: int = 0, **kwargs: Any) -> DataLoader:
         """A DataLoader sharded over ranks whose position the harness saves and restores.
 
-        Map-style datasets: a keyed permutation per epoch, sharded like DistributedSampler, with
-        per-sample augmentation seeds (``harness.data``). Iterable datasets must implement
+        Map-style datasets: DataLoader's keywords (``sampler``, ``batch_sampler``, ``drop_last``,
+        ``persistent_workers``, ...; see ``harness.data.make_loader``); without a sampler, a keyed
+        permutation per epoch (``shuffle`` unset or True), sharded like DistributedSampler; per-sample
+        augmentation and per-batch collate seeds. Iterable datasets must implement
         ``state_dict()/load_state_dict()``; each rank reads its own stream (``shuffle`` ignored).
         """
+        self._made_loader = self._make_loader(dataset, batch_size, shuffle, num_workers, **kwargs)
+        return self._made_loader
+
+    def _make_loader(self, dataset: Dataset, batch_size: Optional[int], shuffle: Optional[bool],
+                     num_workers: int, **kwargs: Any) -> DataLoader:
         if isinstance(dataset, IterableDataset):
             return data_mod.make_stream_loader(dataset, batch_size=batch_size, world_size=self.env.world_size,
                                                num_workers=num_workers, pin_memory=self.env.uses_cuda,
                                                **kwargs)
+        kwargs.setdefault("pin_memory", self.env.uses_cuda)
         return data_mod.make_loader(dataset, batch_size=batch_size, rank=self.env.rank,
                                     world_size=self.env.world_size, seed=self.cfg.trainer.seed,
-                                    shuffle=shuffle, num_workers=num_workers,
-                                    pin_memory=self.env.uses_cuda, **kwargs)
+                                    shuffle=shuffle, num_workers=num_workers, **kwargs)
+
+    def _adopt(self, loader: DataLoader) -> DataLoader:
+        """``batches()``'s loader, positionable: a plain DataLoader a script built is rebuilt with its
+        options by ``harness.data.adopt`` (once: the same loader passed again gets the same copy)."""
+        if data_mod.is_stream(loader):
+            return loader
+        if self._adopted is None or self._adopted[0] is not loader:
+            self._adopted = (loader, data_mod.adopt(loader, self.env.rank, self.env.world_size,
+                                                    self.cfg.trainer.seed))
+        return self._adopted[1]
 
     def log(self, **values: Any) -> None:
         """Record numbers for THIS step (cleared when the step ends). Tensors are kept as they are
@@ -221,6 +267,8 @@ class Session:
         """
         if accumulate < 1:
             raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
+        self._accumulate = accumulate  # session.steps_per_epoch counts steps of this many batches
+        loader = self._adopt(loader)  # a plain DataLoader of the script's own is made resumable
         if data_mod.is_stream(loader):
             yield from self._stream_batches(loader, accumulate)
             return
@@ -337,11 +385,10 @@ class Session:
         self.checkpoints.lock()
         if not self.checkpoints.resumes():
             self.checkpoints.start_fresh()  # another run's checkpoints: refused, or set aside
-        # Opened only now: a fresh start may have set the earlier run's metrics file aside.
         metrics_path = self._metrics_path() if self.env.is_main else None
         self._reporter = ProgressReporter(
             total_steps=self.cfg.trainer.max_steps, start_step=0, log_every=self.cfg.trainer.log_every,
-            enabled=self.env.is_main, sinks=open_metrics_file(metrics_path))
+            enabled=self.env.is_main)
         ref = self.resume_point()
         if ref is None:
             self.progress.data_unit = self._data_unit  # what batch_in_epoch counts, for a later resize
@@ -352,6 +399,10 @@ class Session:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
             self.checkpoints.restore(ref, self._data_unit)
+        # Opened at the resumed step (rows an interrupted launch logged past it go), and after a fresh
+        # start may have set an earlier run's file aside.
+        for sink in open_metrics_file(metrics_path, resumed_step=self.progress.step):
+            self._reporter.add_sink(sink)
         if self.env.is_main:  # TensorBoard and W&B continue their run after the resumed step
             for sink in open_sinks(self.cfg, self.progress.step, new_run=not self.checkpoints.resumes(),
                                    config_data=self._config_data):

@@ -11,9 +11,9 @@ Either may raise: the reporter warns and stops using the sink.
 
 Across restarts and requeues each sink keeps ONE run, and a step appears once even when an earlier
 launch logged steps after the checkpoint this launch resumed from (it died between checkpoints):
-the metrics file holds both rows (a reader keeps the last), TensorBoard purges the earlier ones
-(``purge_step``), W&B keeps the earlier ones (see ``WandbSink``). The values are equal either way,
-because the resume is bit for bit.
+the metrics file drops the earlier launch's rows past the resumed step when it is opened, TensorBoard
+purges them (``purge_step``), W&B keeps the earlier ones (see ``WandbSink``). The values are equal
+either way, because the resume is bit for bit.
 """
 
 from __future__ import annotations
@@ -43,12 +43,22 @@ class Sink(Protocol):
 
 
 class MetricsFile:
-    """JSON lines ``{"step": N, name: value, ...}``, appended; a step logged again after a resume is
-    appended again (readers keep the last row of a step)."""
+    """JSON lines ``{"step": N, name: value, ...}``, appended, each step once across resumes.
 
-    def __init__(self, path: str):
+    A launch that resumed at step N opens the file with ``resumed_step=N``: rows of steps past N (an
+    earlier launch logged them after its last checkpoint and died) are dropped first, as
+    TensorBoard's ``purge_step`` does, because this launch logs those steps again. A fresh start
+    (N = 0) so empties a file earlier launches wrote. Lines that are not rows of ours are kept, except
+    an unterminated last line (a write cut short by a kill). The file is rewritten to a temporary
+    name and renamed over, so a kill while purging leaves the old file or the new one, never half.
+    ``resumed_step=None``: append without looking.
+    """
+
+    def __init__(self, path: str, resumed_step: Optional[int] = None):
         self.name = f"the metrics file {path}"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resumed_step is not None:
+            purge_rows_after(path, resumed_step)
         self._file = open(path, "a", buffering=1)
 
     def write(self, rows: Sequence[Row]) -> None:
@@ -56,6 +66,34 @@ class MetricsFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def purge_rows_after(path: str, step: int) -> int:
+    """Drop the rows of steps past ``step`` from the JSON-lines file ``path`` (if it exists), and an
+    unterminated last line; returns how many lines were dropped. Rewrites only when one is."""
+    try:
+        with open(path) as file:
+            lines = file.readlines()
+    except FileNotFoundError:
+        return 0
+    kept = [line for line in lines if line.endswith("\n") and not _row_after(line, step)]
+    if len(kept) == len(lines):
+        return 0
+    temp = f"{path}.purge.tmp"
+    with open(temp, "w") as file:
+        file.writelines(kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+    return len(lines) - len(kept)
+
+
+def _row_after(line: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:  # not a row of ours (a user's note, a foreign line): not ours to drop
+        return False
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
 
 
 class TensorBoardSink:
@@ -162,14 +200,14 @@ def open_sinks(cfg: HarnessConfig, resumed_step: int, new_run: bool,
     return sinks
 
 
-def open_metrics_file(path: Optional[str]) -> list[Sink]:
+def open_metrics_file(path: Optional[str], resumed_step: Optional[int] = None) -> list[Sink]:
     """Rank 0's metrics file (``trainer.metrics_file``, or ``<checkpoint.dir>/metrics.jsonl``; None:
-    no file), or no sink and a warning when it cannot be opened (a file where its folder should be, a
+    no file) opened at ``resumed_step`` (see MetricsFile), or no sink and a warning when it cannot be opened (a file where its folder should be, a
     read-only folder): like a failed write later, it never stops training, and rank 0 does not
     leave the other ranks waiting for it with a raw OSError."""
     sinks: list[Sink] = []
     if path:
-        _open_or_warn(sinks, f"the metrics file {path}", lambda: MetricsFile(path))
+        _open_or_warn(sinks, f"the metrics file {path}", lambda: MetricsFile(path, resumed_step))
     return sinks
 
 

@@ -101,20 +101,46 @@ def report_known_error(error: BaseException, rank: int) -> bool:
 
 
 def run_script(path: str, args: list[str], config_data: dict) -> int:
-    """Run the user's training script as ``__main__`` in this rank, its config handed over in the
-    environment variable HARNESS_CONFIG (``harness.load_config()`` reads it). The stop handlers installed
-    before are adopted by the script's Session. Returns the script's exit code."""
-    import runpy
-
+    """Run the user's training script as ``__main__`` in this rank, as ``python path args...`` would:
+    the script's folder first on ``sys.path`` (its own modules import), ``__file__`` its absolute
+    path, ``sys.argv`` ``[path, *args]``. Its config is handed over in the environment variable
+    HARNESS_CONFIG (``harness.load_config()`` reads it). The stop handlers installed before are
+    adopted by the script's Session. Returns the script's exit code."""
     from harness.env import CONFIG_ENV
 
     os.environ[CONFIG_ENV] = yaml.safe_dump(config_data, sort_keys=False)
-    sys.argv = [path, *args]
     try:
-        runpy.run_path(path, run_name="__main__")
+        run_as_main(path, args)
     except SystemExit as done:  # sys.exit() / Preempted from the script
         return _exit_code(done.code)
     return EXIT_OK
+
+
+def run_as_main(path: str, args: list[str]) -> None:
+    """Execute the file ``path`` as ``__main__``, set up as the interpreter sets up ``python path args``:
+    the resolved script's folder first on ``sys.path`` (symbolic links followed), ``__file__`` the
+    absolute path (Python >= 3.9), ``sys.argv`` ``[path, *args]`` with the path as given.
+    (``runpy.run_path`` differs: it sets ``sys.argv[0]`` to ``__file__`` and leaves ``sys.path`` alone.)
+    Raises what the script raises; OSError when the file cannot be read."""
+    import builtins
+    import importlib.machinery
+    import types
+
+    file = os.path.abspath(path)
+    with open(file, "rb") as source:
+        code = compile(source.read(), file, "exec", dont_inherit=True)
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(os.path.realpath(path)))
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=file, __cached__=None, __builtins__=builtins, __spec__=None,
+                           __loader__=importlib.machinery.SourceFileLoader("__main__", file))
+    previous = sys.modules.get("__main__")
+    sys.modules["__main__"] = module  # pickling by reference (spawned workers) finds the script's names
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if previous is not None:
+            sys.modules["__main__"] = previous
 
 
 def _exit_code(code: object) -> int:

@@ -16,7 +16,12 @@ from conftest import (STEPS, kill_tree, metrics, run_launch, signal_job, start_l
 from harness.config import PREEMPTED_EXIT_CODE
 
 
-def test_tensorboard_after_a_kill_between_checkpoints_holds_each_step_once_with_uninterrupted_values(
+def _metrics_file_steps(ckpt_dir: Path) -> list[int]:
+    """The step of every row of metrics.jsonl, in file order (repeats included)."""
+    return [json.loads(line)["step"] for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_file_and_tensorboard_after_a_kill_between_checkpoints_hold_each_step_once(
         tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
     launcher = start_launch(ckpt_dir, "log.tensorboard=true", log_path=tmp_path / "job.log")
@@ -28,9 +33,15 @@ def test_tensorboard_after_a_kill_between_checkpoints_holds_each_step_once_with_
         kill_tree(launcher)  # SIGKILL to everything: no save, no close
     killed_at, resumed_at = max(metrics(ckpt_dir)), steps_with_saves(ckpt_dir)[-1]
     assert resumed_at < killed_at, "the run must have logged steps past its newest checkpoint"
+    # Negative control: the killed launch's file holds steps that the next launch trains again.
+    assert _metrics_file_steps(ckpt_dir) == list(range(1, killed_at + 1))
     result = run_launch(ckpt_dir, "log.tensorboard=true")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from {ckpt_dir}/step_{resumed_at:09d}" in result.stdout
+
+    # The metrics file was purged past the resumed step when the second launch opened it.
+    assert _metrics_file_steps(ckpt_dir) == list(range(1, STEPS + 1))
+    assert metrics(ckpt_dir) == metrics(reference)
 
     folder = ckpt_dir / "tensorboard"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2, "one run folder for both launches"

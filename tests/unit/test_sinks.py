@@ -3,6 +3,7 @@ failing sink never stops training, the optional packages stay optional."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from conftest import tensorboard_points
 from harness.config import ConfigError, validate
 from harness.progress import ProgressReporter
-from harness.sinks import MetricsFile, TensorBoardSink, wandb_run_id
+from harness.sinks import MetricsFile, TensorBoardSink, purge_rows_after, wandb_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +82,46 @@ class _BrokenSink:
 
     def close(self):
         self.closed = True
+
+
+def _metric_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_the_metrics_file_opened_at_a_resumed_step_drops_the_rows_logged_past_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsFile(str(path), resumed_step=0)
+    first.write(_rows(1, 8, offset=0.5))  # then "killed" after step 8, its last checkpoint at step 5
+    first.close()
+    with open(path, "a") as torn:
+        torn.write('{"step": 9, "lo')  # a write cut short by the kill
+    resumed = MetricsFile(str(path), resumed_step=5)
+    resumed.write(_rows(6, 12, offset=0.25))
+    resumed.close()
+    assert _metric_steps(path) == list(range(1, 13))
+    assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == \
+        [step + (0.5 if step <= 5 else 0.25) for step in range(1, 13)]
+
+
+def test_a_metrics_file_opened_to_append_repeats_the_replayed_steps(tmp_path):
+    """The control for the test above: without the resumed step the replayed rows are there twice."""
+    path = tmp_path / "metrics.jsonl"
+    for rows in (_rows(1, 8, offset=0.5), _rows(6, 12, offset=0.25)):
+        sink = MetricsFile(str(path))
+        sink.write(rows)
+        sink.close()
+    assert _metric_steps(path) == list(range(1, 9)) + list(range(6, 13))
+
+
+def test_purging_the_metrics_file_keeps_foreign_lines_and_a_fresh_start_empties_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n# a note\n{"step": 2, "loss": 2.0}\n')
+    assert purge_rows_after(str(path), 1) == 1
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n# a note\n'
+    assert purge_rows_after(str(path), 1) == 0  # nothing past it: the file is not rewritten
+    MetricsFile(str(path), resumed_step=0).close()
+    assert path.read_text() == "# a note\n"
+    assert purge_rows_after(str(tmp_path / "missing.jsonl"), 3) == 0
 
 
 def test_a_failing_sink_warns_once_and_the_other_sinks_keep_every_step(tmp_path, caplog):
