@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, IO
 
@@ -425,3 +426,42 @@ def test_launcher_stages_to_s3_and_a_run_without_staging_resumes_from_it(moto_se
     second = _launch(f"checkpoint.dir={s3_url}", "trainer.max_steps=60")
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 60
+
+
+def test_a_stop_waits_for_its_staged_upload_before_raising_preempted(tmp_path):
+    """The stop's checkpoint must be durable at the destination (not only staged) when Preempted is
+    raised: a held-back upload delays the exit, and the remote then holds the stop's step."""
+    from harness import Preempted, Session, validate
+    from harness.env import DistEnv
+
+    remote = GatedRemote(tmp_path / "remote")
+    cfg = validate({"trainer": {"max_steps": 100, "num_threads": 1},
+                    "checkpoint": {"dir": str(tmp_path / "remote"), "staging_dir": str(tmp_path / "stage"),
+                                   "every_steps": 1000}})
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                  master_port=0, source="single")
+    opened_at: list[float] = []
+
+    def open_gate_later() -> None:
+        wait_for(lambda: remote.started, 60, "the stop's upload to start")
+        time.sleep(1.0)  # the upload is held back this long
+        opened_at.append(time.monotonic())
+        remote.gate.set()
+
+    with pytest.raises(Preempted) as stopped:
+        with Session(cfg, env=env) as session:
+            session.checkpoints.store.storage = StagedStorage(LocalStorage(str(tmp_path / "stage")), remote)
+            model = session.prepare(torch.nn.Linear(2, 1))
+            loader = session.loader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
+            try:
+                for (inputs,) in session.batches(loader):
+                    model(inputs).sum().backward()
+                    if session.step == 4:
+                        remote.gate.clear()
+                        threading.Thread(target=open_gate_later, daemon=True).start()
+                        session.request_stop()
+            except Preempted:  # when the loop learns of the stop, before the session closes
+                raised_at = time.monotonic()
+                raise
+    assert opened_at and raised_at > opened_at[0], "Preempted was raised before the upload could finish"
+    assert _steps(tmp_path / "remote") == [stopped.value.step]
