@@ -59,7 +59,14 @@ class PositionlessStream(IterableDataset):
         yield from (torch.tensor([float(i)]) for i in range(10))
 
 
-def _train(ckpt_dir: Path, num_workers: int, stop_at: int = 0) -> list[torch.Tensor]:
+class ForgetfulStream(NumberStream):
+    """The negative control: a stream that ignores the position it is given back."""
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _train(ckpt_dir: Path, num_workers: int, stop_at: int = 0, stream_type: type = NumberStream) -> list[torch.Tensor]:
     """Steps of 4 items over 30 steps (200 items: the stream ends and restarts at step 50); returns
     the batches seen. ``stop_at``: request a stop in that step (the run then raises Preempted)."""
     cfg = validate({"trainer": {"max_steps": 60, "seed": 3, "num_threads": 1},
@@ -69,7 +76,7 @@ def _train(ckpt_dir: Path, num_workers: int, stop_at: int = 0) -> list[torch.Ten
         model = session.prepare(torch.nn.Linear(2, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         session.register(optimizer=optimizer)
-        stream = NumberStream(noise="global" if num_workers == 0 else "per_item")
+        stream = stream_type(noise="global" if num_workers == 0 else "per_item")
         loader = session.loader(stream, batch_size=4, num_workers=num_workers)
         for batch in session.batches(loader):
             seen.append(batch.clone())
@@ -99,3 +106,14 @@ def test_a_stream_without_a_position_is_refused_at_start(tmp_path):
     with Session(cfg, env=SINGLE) as session:
         with pytest.raises(TypeError, match="without state_dict\\(\\)/load_state_dict\\(\\): a resume would restart"):
             session.loader(PositionlessStream(), batch_size=2)
+
+
+def test_a_stream_that_does_not_restore_its_position_is_seen_to_differ(tmp_path):
+    """The comparison above can fail: the same interrupted run with a stream that forgets its
+    position replays the stream's start, and its batches differ from the reference's."""
+    reference = _train(tmp_path / "reference", 0)
+    with pytest.raises(Preempted) as stop:
+        _train(tmp_path / "run", 0, stop_at=23, stream_type=ForgetfulStream)
+    resumed = _train(tmp_path / "run", 0, stream_type=ForgetfulStream)
+    assert not torch.equal(resumed[0][:, 0], reference[stop.value.step][:, 0])
+    assert torch.equal(resumed[0][:, 0], reference[0][:, 0]), "it starts the stream over"
