@@ -32,18 +32,19 @@ class ProgressReporter:
     """Rank 0's progress: step, loss, steps/s and ETA; a rich live bar when stdout is a terminal."""
 
     def __init__(self, total_steps: int, start_step: int, log_every: int, enabled: bool,
-                 sinks: Sequence[Sink] = (), stream: IO[str] = sys.stdout):
-        """``sinks`` (``harness.sinks``): where every step's values go; more can be added later."""
+                 sinks: Sequence[Sink] = (), stream: Optional[IO[str]] = None):
+        """``sinks`` (``harness.sinks``): where every step's values go; more can be added later.
+        ``stream``: where lines go (None: ``sys.stdout`` as it is now, not as it was at import)."""
         self.total_steps = total_steps
         self.start_step = start_step
         self.log_every = log_every
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout
         self.started = time.perf_counter()
         self._bar = None
         self._sinks: list[Sink] = list(sinks) if enabled else []
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps not yet written or shown
-        if enabled and stream.isatty():
+        if enabled and self.stream.isatty():
             self._bar = self._start_bar()
 
     def add_sink(self, sink: Sink) -> None:
