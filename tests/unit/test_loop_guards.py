@@ -54,13 +54,15 @@ def _train_accumulating(ckpt_dir: Path, max_steps: int, batch_size: int, accumul
     return session
 
 
-def test_a_resume_inside_an_accumulation_window_restarts_the_window_and_runs_to_the_end(tmp_path):
+def test_a_resume_inside_an_accumulation_window_restarts_the_window_and_runs_to_the_end(tmp_path, capsys):
     # 3 steps x 4 micro-batches x 32 samples = 384 samples; with 64 per micro-batch that is 6
     # micro-batches: half-way into the second window of 4. The old loop reloaded batch 30 forever.
     _train_accumulating(tmp_path, max_steps=3, batch_size=32)
     with deadline(60):
         session = _train_accumulating(tmp_path, max_steps=20, batch_size=64)
     assert session.step == 20
+    said = capsys.readouterr().out
+    assert "falls 2 micro-batch(es) into an accumulation window of 4: continuing from batch 4 of epoch 0" in said
     # An epoch is 32 micro-batches of 64 = 8 steps: steps 4-10 finish epoch 0 from batch 4, steps
     # 11-18 are epoch 1, steps 19-20 start epoch 2.
     assert (session.progress.epoch, session.progress.batch_in_epoch) == (2, 8)
