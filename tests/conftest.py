@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from harness.checkpoint import layout
+from harness.checkpoint import checksum, layout
 from harness.checkpoint.format import encode, read_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def newest_payload(ckpt_dir: Path) -> dict:
 
 def rewrite_payload(step_dir: Path, payload: dict) -> None:
     """Replace a checkpoint's payload (a new file renamed over the old: the old one may be mapped)
-    and record its new size in the manifest, as a tampering user would."""
+    and record its size and checksum in the manifest, as a tampering user who knows the format would."""
     target = payload_file(step_dir)
     file = encode(payload)
     temp = target.with_name(target.name + ".new")
@@ -168,7 +168,8 @@ def rewrite_payload(step_dir: Path, payload: dict) -> None:
         file.write_to(handle)
     os.replace(temp, step_dir / file.name)
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    manifest["files"] = {file.name: {"bytes": (step_dir / file.name).stat().st_size, "checksum": "unchecked"}}
+    written = step_dir / file.name
+    manifest["files"] = {file.name: checksum.file_entry(written.stat().st_size, checksum.of_file(str(written)))}
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
