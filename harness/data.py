@@ -45,6 +45,7 @@ MASK32 = (1 << 32) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_MUL2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN_INT, _MIX_MUL1_INT, _MIX_MUL2_INT = int(_GOLDEN), int(_MIX_MUL1), int(_MIX_MUL2)
 
 # Luby-Rackoff: 4 rounds of independent random round functions give a strong pseudo-random
 # permutation; 6 leave a margin for a cheap (non-cryptographic) round function.
@@ -80,11 +81,24 @@ def keyed_hash(key: int, values: np.ndarray) -> np.ndarray:
     return _mix64(_mix64(values ^ np.uint64(key)) + _GOLDEN)
 
 
+def _mix64_int(value: int) -> int:
+    """``_mix64`` of one Python int in [0, 2**64): the same bits, without numpy's per-call cost."""
+    value ^= value >> 30
+    value = (value * _MIX_MUL1_INT) & MASK64
+    value ^= value >> 27
+    value = (value * _MIX_MUL2_INT) & MASK64
+    return value ^ (value >> 31)
+
+
 def derive_key(*parts: int) -> int:
-    """A 64-bit key from any integers (negative ones by their two's complement): order matters."""
+    """A 64-bit key from any integers (negative ones by their two's complement): order matters.
+
+    Each part is absorbed as ``key = keyed_hash(key, part)``, computed on Python ints: a key per
+    batch (the collate seed) costs ~2 µs instead of ~30 µs through one-element numpy arrays.
+    """
     key = 0
     for part in parts:
-        key = int(keyed_hash(key, np.array([part & MASK64], dtype=np.uint64))[0])
+        key = _mix64_int((_mix64_int((part & MASK64) ^ key) + _GOLDEN_INT) & MASK64)
     return key
 
 

@@ -76,6 +76,7 @@ class Session:
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
         self._save_requested = False  # save() called mid-step, carried out when the step ends
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
+        self._own_sampler = False  # the loader's order is the user's sampler, not the harness's
         self._loader: Optional[DataLoader] = None  # the loader batches() reads
         self._made_loader: Optional[DataLoader] = None  # the last one session.loader() returned
         self._accumulate = 1  # micro-batches per step in batches()
@@ -274,6 +275,7 @@ class Session:
             return
         self._loader = loader
         self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
+        self._own_sampler = data_mod.uses_own_sampler(loader)  # its stream cannot survive a resize
         self.start()
         per_epoch = data_mod.steps_per_epoch(loader) // accumulate * accumulate
         if per_epoch == 0:
@@ -398,7 +400,7 @@ class Session:
             if self.cfg.checkpoint.init_from:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
-            self.checkpoints.restore(ref, self._data_unit)
+            self.checkpoints.restore(ref, self._data_unit, own_sampler=self._own_sampler)
         # Opened at the resumed step (rows an interrupted launch logged past it go), and after a fresh
         # start may have set an earlier run's file aside.
         for sink in open_metrics_file(metrics_path, resumed_step=self.progress.step):

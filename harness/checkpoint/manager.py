@@ -37,6 +37,19 @@ from harness.stop.agreement import grace_warning
 
 log = logging.getLogger("harness")
 
+# The data part of the world-size warning when the loader's order is the user's sampler. The
+# harness's keyed permutation is a function of (seed, epoch, position) and survives a resize; a
+# sampler that deals the data out to ranks itself keeps its stream only if it deals one epoch order
+# round-robin (DistributedSampler, RASampler: rank r takes positions r, r+W, ...), which the harness
+# cannot see.
+OWN_SAMPLER_STREAM = (
+    "the loader uses your own sampler (or batch sampler), which deals the data out to the ranks itself, so "
+    "the harness cannot keep its sample stream on another world size: each of the {now} ranks now draws "
+    "its share of that sampler's order for {now} ranks instead of {saved}. It is the same stream only if "
+    "the sampler deals one epoch order round-robin to the ranks (as DistributedSampler and RASampler do) "
+    "and the dataset splits evenly among them; otherwise samples of this epoch may be trained on twice "
+    "or skipped ({position})")
+
 
 class CheckpointManager:
     """Resume, save and flush for one rank; see the module docstring."""
@@ -162,11 +175,13 @@ class CheckpointManager:
         self.say(f"checkpoint.resume=false: set aside the earlier run's {described} (and its metrics) "
                  f"in {target}; starting fresh")
 
-    def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None) -> None:
+    def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None, own_sampler: bool = False) -> None:
         """Restore ``ref`` on every rank; if any rank fails, all of them raise.
 
         ``data_unit``: samples per loader batch over all ranks in THIS run (None if unknown), to keep
-        the data position by samples consumed when it differs from the saved run's.
+        the data position by samples consumed when it differs from the saved run's. ``own_sampler``:
+        the loader's order comes from the user's sampler or batch sampler, not the harness's keyed
+        permutation (on another world size the warning then says its stream cannot be kept).
 
         A payload that some rank cannot read (damage that verification does not see, a payload
         format this harness does not read) is skipped on every rank, with a warning, for the next
@@ -189,7 +204,7 @@ class CheckpointManager:
             payload = self._read_everywhere(ref)
         error = None
         try:
-            self._restore(ref, payload, data_unit)
+            self._restore(ref, payload, data_unit, own_sampler)
         except Exception as exc:
             error = exc
         raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
@@ -241,12 +256,12 @@ class CheckpointManager:
         payload = read_payload(path, unsafe=self.ckpt.unsafe_load)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
-    def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int]) -> None:
+    def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int], own_sampler: bool) -> None:
         started = time.perf_counter()
         self.registry.load_state_dict(payload[KEY_STATE])
         own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
         self.progress.load_state_dict(payload[KEY_PROGRESS])
-        self._remap(payload[KEY_RNG], data_unit)
+        self._remap(payload[KEY_RNG], data_unit, own_sampler)
         self.last_saved_step = self.progress.step
         self.resumed_from = ref
         self._warn_config_changes(payload.get(KEY_CONFIG) or {})
@@ -258,14 +273,17 @@ class CheckpointManager:
         if warning:
             self.say("WARNING: " + warning)
 
-    def _remap(self, rng_per_rank: list, data_unit: Optional[int]) -> None:
+    def _remap(self, rng_per_rank: list, data_unit: Optional[int], own_sampler: bool = False) -> None:
         """Each rank's RNG when the world is the same; else keep the data position by samples.
 
         DDP state is replicated, so weights and optimizer carry over exactly on any world size. With
         the harness's loader the sample order and each sample's augmentation depend on (seed, epoch,
         position) only, so when the samples per step are kept the data stream continues exactly;
         what cannot be kept on another world size is each rank's own RNG stream (dropout), reseeded
-        here: the run then continues as a statistically equivalent run, not the same one.
+        here: the run then continues as a statistically equivalent run, not the same one. With the
+        user's own sampler (``own_sampler``) the stream is not kept either: that sampler deals the
+        epoch out by rank itself, so on another world size each rank draws another share; the one
+        warning says so.
         """
         saved_world = len(rng_per_rank)
         saved_unit = self.progress.data_unit
@@ -277,21 +295,28 @@ class CheckpointManager:
             if same_data:
                 self.progress.data_unit = data_unit or saved_unit
                 return
+        resized = saved_world != self.env.world_size
         if saved_unit is not None and data_unit is not None:
             samples_done = self.progress.batch_in_epoch * saved_unit
             self.progress.batch_in_epoch, partial = divmod(samples_done, data_unit)
-            data = (f"the data position is kept by samples consumed ({samples_done} this epoch"
-                    + (f"; {partial} samples of the last, partial batch are trained on again" if partial else "")
-                    + ("), the sample stream and its augmentations continue exactly" if same_data else
-                       f"; samples per batch changed from {saved_unit} to {data_unit})"))
+            notes = [f"{samples_done} this epoch"]
+            if partial:
+                notes.append(f"{partial} samples of the last, partial batch are trained on again")
+            if not same_data:
+                notes.append(f"samples per batch changed from {saved_unit} to {data_unit}")
+            data = f"the data position is kept by samples consumed ({'; '.join(notes)})"
+            if same_data and not (own_sampler and resized):
+                data += ", the sample stream and its augmentations continue exactly"
         else:  # position only known in batches (no harness loader seen yet)
             self.progress.batch_in_epoch = self.progress.batch_in_epoch * self.progress.world_size // self.env.world_size
             data = "the data position is kept by samples consumed"
+        if own_sampler and resized:
+            data = OWN_SAMPLER_STREAM.format(saved=saved_world, now=self.env.world_size, position=data)
         self.progress.world_size = self.env.world_size
         self.progress.data_unit = data_unit
-        if saved_world != self.env.world_size:
+        if resized:
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank + 7919 * self.progress.step)
-        if saved_world == self.env.world_size:
+        if not resized:
             randomness = ("each rank's RNG continues, but its draws now fall on other samples, so a "
                           "model with dropout or other random layers continues as a different run")
         else:

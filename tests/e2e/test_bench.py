@@ -39,3 +39,25 @@ def test_sizes_parse_to_close_shapes():
     for text, params in (("1M", 1e6), ("100M", 100e6), ("500M", 500e6)):
         shape = parse_size(text)
         assert abs(shape.params - params) / params < 0.1, (text, shape)
+
+
+def test_data_bench_reports_every_figure_as_a_number_and_compares_with_the_baseline(tmp_path):
+    """Smoke test of ``python -m benchmarks.data_bench``: shape of the report only, no timing."""
+    out = tmp_path / "data.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_bench", "--reps", "1", "--position", "20000",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    from benchmarks.data_bench import DEFAULT_BASELINE, rows
+
+    figures = dict(rows(report))
+    names = ["user_sampler.sampler.skip_s", "user_sampler.batch_sampler.skip_s", "collate_direct.main_cost_us",
+             "collate_direct.worker_cost_us", "collate_loader_0_workers.cost_us", "collate_loader_2_workers.cost_us",
+             "keyed_now.key_ns"]
+    # The baseline is read from git history, which a shallow clone lacks: compared only where it exists.
+    if subprocess.run(["git", "cat-file", "-e", f"{DEFAULT_BASELINE}^{{commit}}"], cwd=REPO).returncode == 0:
+        names.append(f"keyed_{DEFAULT_BASELINE}.key_ns")
+    for name in names:
+        assert math.isfinite(figures[name]["median"]), name
+    assert "harness data benchmark" in done.stdout
+    assert list(tmp_path.iterdir()) == [out]

@@ -4,13 +4,16 @@ each interrupted and relaunched, end bit for bit where an uninterrupted run ends
 Each example runs with its own short configuration (not conftest's shared one): a reference run, then
 a run whose rank 1 gets SIGTERM mid-run (exit 75) and its relaunch (exit 0). The CNN, whose dataset
 augments at random in 2 DataLoader workers per rank, is also killed with SIGKILL at a random instant,
-and relaunched with another ``task.num_workers``: the sample stream must not change.
+and relaunched with another ``task.num_workers``: the sample stream must not change. The vision
+script (torchvision's reference in miniature: its own sampler, mixup/cutmix in the collate_fn, EMA)
+goes through three legs with 2, 0 and 1 workers, stopped by a SIGTERM to one rank, then a SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, assert_tensors_equal, kill_tree, metrics, newest_payload, require_module, steps_with_saves,
-                      wait_for, worker_pids)
+from conftest import (REPO, assert_diverges_after, assert_resumed_from, assert_tensors_equal, kill_tree, metrics,
+                      newest_payload, require_module, steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE
 
 # Every example: 2 gloo ranks, one thread each, a metrics row flushed every 2 steps (the tests poll it).
@@ -117,8 +120,9 @@ def sigterm_rank1_then_relaunch(example: Example, tmp_path: Path, *relaunch_extr
     return ckpt_dir
 
 
-def assert_same_run(ckpt_dir: Path, reference: Path, steps: int) -> None:
-    """Final state (model, optimizer, scheduler, ...) bit for bit; every logged number of every step."""
+def assert_same_run(ckpt_dir: Path, reference: Path, steps: int, evaluated: tuple[str, ...] = ("val_loss",)) -> None:
+    """Final state (model, optimizer, scheduler, ...) bit for bit; every logged number of every step.
+    ``evaluated``: the keys an evaluation logs, which a stop agreed during it may leave out."""
     run_payload, ref_payload = newest_payload(ckpt_dir), newest_payload(reference)
     assert run_payload["progress"]["step"] == ref_payload["progress"]["step"] == steps
     assert_tensors_equal(run_payload["state"], ref_payload["state"], "state")
@@ -127,10 +131,11 @@ def assert_same_run(ckpt_dir: Path, reference: Path, steps: int) -> None:
     # By design, a stop agreed during a step's evaluation saves that step without its val_loss (the
     # step is complete, its evaluation is not): allowed at one saved step, nowhere else.
     cut = [step for step in steps_with_saves(ckpt_dir)
-           if "val_loss" in ref_rows[step] and "val_loss" not in run_rows.get(step, {})]
+           if any(key in ref_rows[step] and key not in run_rows.get(step, {}) for key in evaluated)]
     assert len(cut) <= 1, cut
     for step in cut:
-        ref_rows[step] = {key: value for key, value in ref_rows[step].items() if key != "val_loss"}
+        ref_rows[step] = {key: value for key, value in ref_rows[step].items()
+                          if key not in evaluated or key in run_rows[step]}
     assert run_rows == ref_rows  # loss, lr, grad_norm, val_loss where logged
 
 
@@ -201,3 +206,93 @@ def test_cnn_killed_at_a_random_instant_resumes_bit_exactly(tmp_path, cnn_refere
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from {ckpt_dir}/step_{saved[-1]:09d}" in result.stdout, f"seed {seed}"
     assert_same_run(ckpt_dir, cnn_reference, CNN.steps)
+
+
+# ----- examples/vision: torchvision's classification reference in miniature ----------------------------
+# 384 images / 2 ranks / 16 = 12 steps per epoch (6 epochs); saves every 10 steps land mid-epoch.
+VISION = Example("vision", ("script=examples/vision/train.py", "checkpoint.every_steps=10", "checkpoint.keep_last=0"),
+                 steps=72, stop_after=16)
+EVALUATED = ("acc1", "ema_acc1")  # logged by the evaluation at each epoch's end
+
+
+def vision_args(workers: int, *flags: str) -> str:
+    return "script_args=[" + ",".join(f"'{arg}'" for arg in (f"--workers={workers}", *flags)) + "]"
+
+
+@pytest.fixture(scope="module")
+def vision_reference(tmp_path_factory) -> Path:
+    ckpt_dir = tmp_path_factory.mktemp("vision-reference") / "ckpt"
+    result = run(VISION, ckpt_dir, vision_args(2))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return ckpt_dir
+
+
+@pytest.fixture(scope="module")
+def vision_stopped(tmp_path_factory) -> Path:
+    """The first leg, shared by the tests below (each works on its own copy): 2 workers per rank,
+    SIGTERM to rank 1 alone mid-run; every rank stops at one step, saved, exit 75."""
+    folder = tmp_path_factory.mktemp("vision-stopped")
+    ckpt_dir, log = folder / "ckpt", folder / "job.log"
+    launcher = start(VISION, ckpt_dir, log, vision_args(2))
+    try:
+        pids = worker_pids(launcher, timeout=120)
+        wait_for(lambda: last_step(ckpt_dir) >= VISION.stop_after, 180, f"step {VISION.stop_after}")
+        os.kill(pids[1], signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    assert code == PREEMPTED_EXIT_CODE, log.read_text()
+    assert VISION.stop_after <= steps_with_saves(ckpt_dir)[-1] < VISION.steps, "the stop must land mid-run"
+    return ckpt_dir
+
+
+def copy_of(stopped: Path, tmp_path: Path) -> Path:
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(stopped, ckpt_dir)
+    return ckpt_dir
+
+
+def test_vision_example_resumes_bit_exactly_across_sigterm_sigkill_and_changed_workers(
+        tmp_path, vision_reference, vision_stopped):
+    ckpt_dir = copy_of(vision_stopped, tmp_path)
+    stopped_at = steps_with_saves(ckpt_dir)[-1]
+    # Second leg, with no workers (sampling, augmentation and mixup now run in the main process):
+    # SIGKILL to the launcher, both ranks and any worker, between two saves after the resume.
+    log = tmp_path / "second.log"
+    launcher = start(VISION, ckpt_dir, log, vision_args(0))
+    try:
+        worker_pids(launcher, timeout=120)
+        saved_later = lambda: max(steps_with_saves(ckpt_dir)) > stopped_at and max(steps_with_saves(ckpt_dir))
+        killed_after = wait_for(saved_later, 180, f"a save after step {stopped_at}") + 3
+        wait_for(lambda: last_step(ckpt_dir) >= killed_after, 180, f"step {killed_after}")
+        kill_tree(launcher)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    assert_resumed_from(log.read_text(), ckpt_dir, stopped_at)
+    saved = steps_with_saves(ckpt_dir)[-1]
+    assert stopped_at < saved < VISION.steps, "the SIGKILL must land after a save, before the end"
+    # Third leg, one worker, to the end.
+    result = run(VISION, ckpt_dir, vision_args(1))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_resumed_from(result.stdout, ckpt_dir, saved)
+    assert_same_run(ckpt_dir, vision_reference, VISION.steps, evaluated=EVALUATED)
+    run_payload, ref_payload = newest_payload(ckpt_dir), newest_payload(vision_reference)
+    assert set(ref_payload["state"]) >= {"model", "optimizer", "scheduler", "model_ema"}
+    assert run_payload["progress"] == ref_payload["progress"]
+    assert len(run_payload["rng"]) == 2
+    assert_tensors_equal(run_payload["rng"], ref_payload["rng"], "rng")  # every rank's torch, python, numpy
+    rows = metrics(vision_reference)
+    assert sorted(step for step, row in rows.items() if "ema_acc1" in row) == list(range(12, VISION.steps + 1, 12))
+
+
+def test_vision_example_without_collate_seeds_differs_after_the_resume(tmp_path, vision_reference, vision_stopped):
+    """The control for the test above: resumed in the main process (no workers) with the harness's
+    collate seeding off, mixup/cutmix draw from the training RNG, and the first resumed step differs."""
+    ckpt_dir = copy_of(vision_stopped, tmp_path)
+    stopped_at = steps_with_saves(ckpt_dir)[-1]
+    result = run(VISION, ckpt_dir, vision_args(0, "--unseeded-collate"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_resumed_from(result.stdout, ckpt_dir, stopped_at)
+    assert_diverges_after(ckpt_dir, vision_reference, stopped_at, first_difference=stopped_at + 1)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 import harness
 
@@ -27,12 +27,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, required=True, help="samples per rank per step")
     parser.add_argument("--stop-at", type=int, default=0)
+    parser.add_argument("--own-sampler", action="store_true",
+                        help="a DistributedSampler of the script's own instead of the harness's order")
     args = parser.parse_args()
     with harness.Session(harness.load_config()) as session:
         model = session.prepare(torch.nn.Linear(1, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         session.register(optimizer=optimizer)
-        loader = session.loader(AugmentedIndices(), batch_size=args.batch, num_workers=1)
+        dataset = AugmentedIndices()
+        sampler = DistributedSampler(dataset, num_replicas=session.env.world_size, rank=session.env.rank,
+                                     shuffle=True, seed=3) if args.own_sampler else None
+        loader = session.loader(dataset, batch_size=args.batch, num_workers=1, sampler=sampler)
         for index, drawn in session.batches(loader):
             stats = torch.stack([index.double().sum(), index.double().pow(2).sum(), drawn.sum()])
             if dist.is_initialized():

@@ -61,6 +61,24 @@ def same_rng_states(a: tuple, b: tuple) -> bool:
     return torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
+# ----- keys ---------------------------------------------------------------------------------------
+def test_derive_key_is_the_chain_of_keyed_hashes_it_always_was():
+    """derive_key works on Python ints for speed; its keys (hence every order and seed of a run
+    that resumes under a newer harness) must stay those of the numpy keyed_hash chain."""
+    from harness.data import derive_key, keyed_hash
+
+    def by_numpy(*parts: int) -> int:
+        key = 0
+        for part in parts:
+            key = int(keyed_hash(key, np.array([part & (2**64 - 1)], dtype=np.uint64))[0])
+        return key
+
+    rng = random.Random(7)
+    cases = [(0,), (2**64 - 1,), (-1, 5), (0x636F6C6C617465, 2**63), (1, 2, 3, 4)]
+    cases += [tuple(rng.randrange(-2**64, 2**64) for _ in range(rng.randint(1, 5))) for _ in range(500)]
+    assert [derive_key(*parts) for parts in cases] == [by_numpy(*parts) for parts in cases]
+
+
 # ----- the permutation ----------------------------------------------------------------------------
 @pytest.mark.parametrize("size", SMALL_SIZES)
 def test_permutation_is_a_bijection_on_small_and_odd_sizes(size):
