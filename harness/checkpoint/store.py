@@ -162,9 +162,10 @@ class CheckpointStore:
             log.warning("replacing checkpoint %s/%s of the same step", self.root, name)
         except FileNotFoundError:
             pass
-        shutil.rmtree(folder, ignore_errors=True)
-        if os.path.lexists(folder):  # rmtree refuses links and files: never write through them
+        if os.path.islink(folder) or os.path.isfile(folder):  # never write through a link
             os.unlink(folder)
+        elif os.path.isdir(folder):
+            shutil.rmtree(folder)
         os.makedirs(folder)
         return folder
 
