@@ -19,6 +19,9 @@ MANIFEST_NAME = "manifest.json"
 PAYLOAD_NAME = "state.safetensors"
 LEGACY_PAYLOAD_NAME = "state.pt"
 SHARDS_DIR = "shards"  # a sharded strategy's own files (harness.strategy), listed in the manifest
+# Manifest keys of a sharded checkpoint: the strategy that wrote it, and the folder of its own files.
+INFO_STRATEGY = "strategy"
+INFO_SHARDED = "sharded"
 MAX_FILE_DEPTH = 2  # a manifest's file names: "name" or "folder/name", never deeper
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it

@@ -24,8 +24,8 @@ from harness.checkpoint import checksum
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import (HASH_CHUNK, LOCK_NAME, SET_ASIDE_DIR, SHARDS_DIR, CheckpointRef,
-                                       step_dir_name, step_of)
+from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
+                                       SHARDS_DIR, CheckpointRef, step_dir_name, step_of)
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("harness")
 
-# Manifest keys of a sharded checkpoint: the strategy that wrote it, and the folder of its files.
-INFO_STRATEGY = "strategy"
-INFO_SHARDED = "sharded"
 
 
 class CheckpointManager:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
@@ -151,7 +152,9 @@ def read_full_state(folder: str) -> dict:
     # format_utils use (torch 2.13: torch.distributed.checkpoint.state_dict_loader).
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    return _load_state_dict_from_keys(checkpoint_id=folder)
+    with warnings.catch_warnings():  # one process without a process group is what we mean here
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        return _load_state_dict_from_keys(checkpoint_id=folder)
 
 
 def read_metadata(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -24,7 +24,7 @@ import torch
 from conftest import (REPO, assert_tensors_equal, kill_tree, launch_cmd, metrics, read_step, run_launch,
                       signal_job, start_launch, steps_with_saves, uninterrupted_run, wait_for, worker_pids)
 from harness.checkpoint import checksum
-from harness.ckpt import main as ckpt_main
+from harness.ckpt import digest, main as ckpt_main
 from harness.strategy.fsdp import read_full_state
 
 FSDP_STEPS = 48  # 32 steps per epoch (2048 samples / 2 ranks / 32): the runs cross an epoch boundary
@@ -69,6 +69,19 @@ def test_fsdp_checkpoint_lists_every_rank_shard_in_its_manifest(fsdp_reference, 
     full, _ = _final_state(fsdp_reference)
     assert set(full) == {"model", "optimizer"} and "blocks.1.1.weight" in full["model"]
     assert ckpt_main(["verify", str(fsdp_reference)]) == 0
+
+
+def test_ckpt_inspect_and_export_read_the_full_tensors_of_the_shards(fsdp_reference, tmp_path, capsys):
+    full, _ = _final_state(fsdp_reference)
+    capsys.readouterr()
+    assert ckpt_main(["inspect", "--json", str(_step_dir(fsdp_reference, FSDP_STEPS))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shapes = {t["key"]: t["shape"] for t in report["groups"]["model"]["tensors"]}
+    assert shapes["blocks.1.1.weight"] == [128, 128] and shapes["embed.weight"] == [128, 32]
+    assert report["digests"]["model"] == digest(full["model"]) and report["world_size"] == 2
+    out = tmp_path / "weights.pt"
+    assert ckpt_main(["export", str(fsdp_reference), str(out)]) == 0
+    assert_tensors_equal(torch.load(out, weights_only=True), full["model"], "exported")
 
 
 def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_reference):
