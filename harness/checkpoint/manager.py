@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("harness")
 
 
-
 class CheckpointManager:
     """Resume, save and flush for one rank; see the module docstring."""
 
@@ -413,8 +412,10 @@ class CheckpointManager:
         folders. Only then may rank 0 write the payload and, last, the manifest.
         """
         step = self.progress.step
-        folder = on_rank0(lambda: self.store.open_folder(step, SHARDS_DIR),
-                          f"failed to prepare {self.store.root}/{step_dir_name(step)}/{SHARDS_DIR}", self.env.is_main)
+        on_rank0(lambda: self.store.open_folder(step, SHARDS_DIR),
+                 f"failed to prepare {self.store.root}/{step_dir_name(step)}/{SHARDS_DIR}", self.env.is_main)
+        # Each rank's own path to the folder (a shared filesystem may be mounted elsewhere on its node).
+        folder = self.store.storage.local_path(f"{step_dir_name(step)}/{SHARDS_DIR}")
         entries, error = {}, None
         try:
             for rel in self.strategy.save(folder):

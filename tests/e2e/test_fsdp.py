@@ -204,3 +204,34 @@ def test_two_ranks_to_one_reshards_exactly_and_continues_the_data_stream(tmp_pat
     assert "continue exactly" in out, out
     assert steps_with_saves(ckpt_dir)[-1] == FSDP_STEPS
     assert json.loads((_step_dir(ckpt_dir, FSDP_STEPS) / "manifest.json").read_text())["world_size"] == 1
+
+
+EVAL_DATA = "task.eval_data={_target_:harness.example.SyntheticClassification,num_samples:96,seed:5}"
+BF16_LOOP = (*FSDP, "trainer.precision=bf16", "trainer.accumulate=2", "trainer.clip_grad_norm=0.5",
+             "trainer.eval_every=8", EVAL_DATA)
+
+
+def test_bf16_accumulation_clipping_and_eval_resume_bit_exact(tmp_path_factory, tmp_path):
+    """FSDP2's bf16 MixedPrecisionPolicy, no reduce-scatter on the first of 2 micro-batches, clipping
+    of sharded gradients and evaluation, stopped by SIGTERM to rank 0 and resumed."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-bf16-reference", *BF16_LOOP)
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[0], signal.SIGTERM),
+                                        *BF16_LOOP, after_step=10)
+    assert code == 75, output
+    result = run_launch(ckpt_dir, *BF16_LOOP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_same_training(ckpt_dir, reference)
+    val = {step: row["val_loss"] for step, row in metrics(ckpt_dir).items() if "val_loss" in row}
+    assert val == {step: row["val_loss"] for step, row in metrics(reference).items() if "val_loss" in row}
+    assert sorted(val) == list(range(8, FSDP_STEPS + 1, 8))
+    full, _ = _final_state(reference)
+    assert full["model"]["head.weight"].dtype == torch.float32  # bf16 for compute, fp32 kept and saved
+
+
+def test_a_sharded_checkpoint_is_refused_clearly_by_a_ddp_run(fsdp_reference, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    result = run_launch(ckpt_dir, *[o for o in FSDP if not o.startswith("trainer.strategy")],
+                        f"trainer.max_steps={FSDP_STEPS + 8}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "was written with trainer.strategy=fsdp and this run uses trainer.strategy=ddp" in result.stderr
