@@ -65,18 +65,24 @@ def _rank(rank: int, args: argparse.Namespace, port: int, folder: str, out: str)
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # async_save's collectives run in a background thread: on the group FSDP's own collectives use
+    # they interleave with training steps and hang; DCP's docs ask for a separate (gloo) group.
+    save_group = dist.new_group(backend="gloo")
     step_s = statistics.median(_step(model, optimizer, args.width) for _ in range(3))
     found: dict[str, list[float]] = {"sync_s": [], "async_block_s": [], "async_done_s": [], "stall_s": []}
     for rep in range(args.reps):
+        print(f"[rank {rank}] rep {rep}", flush=True)
         model_state, optim_state = get_state_dict(model, optimizer)
         dist.barrier()
         started = time.perf_counter()
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=f"{folder}/sync{rep}")
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=f"{folder}/sync{rep}",
+                 process_group=save_group)
         found["sync_s"].append(time.perf_counter() - started)
         model_state, optim_state = get_state_dict(model, optimizer)
         dist.barrier()
         started = time.perf_counter()
-        future = dcp.async_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=f"{folder}/async{rep}")
+        future = dcp.async_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=f"{folder}/async{rep}",
+                                process_group=save_group)
         found["async_block_s"].append(time.perf_counter() - started)
         overlapped = sum(_step(model, optimizer, args.width) for _ in range(STEPS_OVERLAPPED))
         future.result()
