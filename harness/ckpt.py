@@ -25,9 +25,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from harness.checkpoint.payload import PAYLOAD_FORMAT, extract_model_state
+from harness.checkpoint.keys import strip_wrapper_prefixes
+from harness.checkpoint.payload import MODEL, PAYLOAD_FORMAT, extract_model_state
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
-from harness.checkpoint.layout import MANIFEST_NAME, CheckpointRef, STEP_DIR
+from harness.checkpoint.layout import INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, CheckpointRef, STEP_DIR
 from harness.checkpoint.store import OK, CheckpointStore
 from harness.checkpoint.storage.local import LocalStorage
 
@@ -131,10 +132,26 @@ def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
         raise ToolError(str(error)) from None
 
 
+def sharded_groups(located: Located) -> dict[str, Any]:
+    """The groups a sharded checkpoint (trainer.strategy=fsdp) keeps in its ``shards/`` folder (model,
+    optimizer), unsharded from DCP's files; {} for other checkpoints. Reads the whole state into
+    this process's memory (a streaming, tensor-by-tensor reader is not written yet)."""
+    if located.ref is None or located.ref.manifest.get(INFO_SHARDED) != SHARDS_DIR:
+        return {}
+    from harness.strategy.fsdp import read_full_state  # torch.distributed.checkpoint: only when needed
+
+    folder = os.path.join(located.store.root, located.ref.name, SHARDS_DIR)
+    try:
+        return read_full_state(folder)
+    except Exception as error:  # DCP raises its own types on damaged files; reported, not swallowed
+        raise ToolError(f"{folder}: the shards cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); run verify") from None
+
+
 def describe(path: str, unsafe: bool = False) -> dict:
     located = locate(path)
     payload = load_any(located.file, unsafe)
-    groups = groups_of(payload, located.file)
+    groups = groups_of(payload, located.file) | sharded_groups(located)
     report: dict[str, Any] = {
         "path": located.file,
         "kind": "harness" if isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT else "weights",
@@ -212,7 +229,7 @@ def flatten_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, Any],
     payload = load_any(located.file, unsafe)
     harness = isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT
     leaves = {f"{name}.{key}" if key else name: value
-              for name, group in groups_of(payload, located.file).items()
+              for name, group in (groups_of(payload, located.file) | sharded_groups(located)).items()
               for key, value in iter_leaves(group)}
     info = {"path": located.file, "kind": "harness" if harness else "weights",
             "step": int(payload["progress"]["step"]) if harness else None}
@@ -334,8 +351,10 @@ def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = Fa
     to ``dtype`` (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
     located = locate(path)
     payload = load_any(located.file, unsafe)
+    sharded = sharded_groups(located)
     try:
-        weights = extract_model_state(payload, located.file)
+        weights = strip_wrapper_prefixes(sharded[MODEL]) if MODEL in sharded else \
+            extract_model_state(payload, located.file)
     except ValueError as error:
         raise ToolError(str(error)) from None
     if dtype is None:

@@ -50,6 +50,8 @@ class TrainerConfig:
     clip_grad_norm: Optional[float] = None  # max gradient norm, or null (unscaled first under fp16)
     eval_every: int = 0  # steps between evaluations on task.eval_data (logged as val_loss); 0: off
     ema_decay: Optional[float] = None  # keep an exponential moving average of the weights; null: off
+    strategy: str = "ddp"  # ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks)
+    fsdp_shard: List[str] = field(default_factory=list)  # fsdp: class names of the blocks sharded one by one (e.g. [GPT2Block]); empty: each element of the model's nn.ModuleLists
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -66,6 +68,25 @@ class TrainerConfig:
         _require(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "an integer >= 0")
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "trainer.ema_decay", self.ema_decay,
                  "null or a decay in (0, 1)")
+        _require(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, " | ".join(STRATEGIES))
+        _require(all(isinstance(name, str) and name.isidentifier() for name in self.fsdp_shard),
+                 "trainer.fsdp_shard", self.fsdp_shard, "a list of class names such as [GPT2Block]")
+        if self.fsdp_shard and self.strategy != "fsdp":
+            raise ConfigError(f"trainer.fsdp_shard={list(self.fsdp_shard)} applies to trainer.strategy=fsdp "
+                              f"only, not {self.strategy}: HINT: add trainer.strategy=fsdp or drop trainer.fsdp_shard")
+        if self.strategy == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What trainer.strategy=fsdp does not do yet, refused at start rather than half-done."""
+        if self.precision == "fp16":
+            raise ConfigError("trainer.precision=fp16 is not supported with trainer.strategy=fsdp (it "
+                              "needs a sharded GradScaler): HINT: use trainer.precision=bf16 (FSDP2 "
+                              "keeps bf16 parameters and reduces gradients in fp32) or fp32")
+        if self.ema_decay is not None:
+            raise ConfigError("trainer.ema_decay is not supported with trainer.strategy=fsdp yet (the "
+                              "EMA would have to keep a sharded shadow): HINT: drop trainer.ema_decay, or "
+                              "use trainer.strategy=ddp")
 
 
 @dataclass
@@ -253,9 +274,27 @@ class HarnessConfig:
             if enabled and folder is None and "://" in self.checkpoint.dir:
                 raise ConfigError(f"{key}=null would put files in checkpoint.dir={self.checkpoint.dir}, a "
                                   f"remote URL: HINT: set {key} to a local folder that every restart sees")
+        if self.trainer.strategy == "fsdp":
+            self._check_fsdp_checkpoints()
+
+    def _check_fsdp_checkpoints(self) -> None:
+        """Sharded checkpoints are written by every rank into a local (or shared) folder, synchronously;
+        what they cannot do yet is refused at start, naming the key."""
+        ckpt = self.checkpoint
+        unsupported = [(ckpt.async_save, "checkpoint.async_save=true", "drop it (fsdp saves synchronously)"),
+                       (bool(ckpt.staging_dir), "checkpoint.staging_dir", "drop it and point checkpoint.dir "
+                        "at a folder every rank can write"),
+                       ("://" in ckpt.dir and not ckpt.dir.startswith("file://"), f"checkpoint.dir={ckpt.dir}",
+                        "use a local or shared filesystem path"),
+                       (bool(ckpt.init_from), "checkpoint.init_from", "drop it (init_from loads into "
+                        "an unsharded model; use trainer.strategy=ddp for that run)")]
+        for used, key, fix in unsupported:
+            if used:
+                raise ConfigError(f"{key} is not supported with trainer.strategy=fsdp yet: HINT: {fix}")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # harness.strategy: how the model is wrapped and its state saved
 
 
 def _has_control(text: str) -> bool:

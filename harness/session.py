@@ -18,7 +18,6 @@ every ``checkpoint.every_steps`` and, when any rank received a stop signal, save
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import logging
@@ -44,6 +43,7 @@ from harness.sinks import open_metrics_file, open_sinks
 from harness.stop.agreement import AgreementClock, Preempted, agree, grace_warning
 from harness.stop.flag import StopFlag, describe_reason
 from harness.stop.spot import SpotPoller
+from harness.strategy import make_strategy
 
 log = logging.getLogger("harness")
 
@@ -59,6 +59,7 @@ class Session:
         self.env = env or read_env()
         self.progress = Progress(world_size=self.env.world_size)
         self.registry = StateRegistry()
+        self.strategy = make_strategy(cfg.trainer, self.env)  # how the model is spread over the ranks
         # Handlers installed earlier (the launcher's worker, install_stop_handlers()) are adopted:
         # a signal that arrived while torch was importing is already recorded in that flag.
         flag = flag if flag is not None else StopFlag.installed(list(cfg.preempt.signals))
@@ -67,7 +68,8 @@ class Session:
         # The resolved config saved in every checkpoint: the launcher's (a script run by it), else cfg's.
         config_data = config_data or launched_config() or dataclasses.asdict(cfg)
         self._config_data = config_data  # also W&B's run config
-        self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say)
+        self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say,
+                                             self.strategy)
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
         self.metrics: dict[str, Any] = {}  # values logged during the current step
         self._ended_metrics: dict[str, Any] = {}  # the values of the last completed step (its save's metric)
@@ -92,7 +94,8 @@ class Session:
         torch.set_num_threads(threads)
         if self.env.uses_cuda:
             torch.cuda.set_device(self.env.device)
-        if self.env.world_size > 1 and not dist.is_initialized():
+        # FSDP2 needs a process group (its device mesh) even on one rank.
+        if (self.env.world_size > 1 or self.strategy.sharded) and not dist.is_initialized():
             dist.init_process_group(
                 backend=self.env.backend, rank=self.env.rank, world_size=self.env.world_size,
                 init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
@@ -171,18 +174,28 @@ class Session:
         return data_mod.steps_per_epoch(loader) // self._accumulate
 
     def prepare(self, model: torch.nn.Module, name: str = MODEL) -> torch.nn.Module:
-        """Move the model to this rank's device, wrap it in DDP when there are several ranks, and
-        register it (unwrapped, so no ``module.`` prefix ever reaches a file)."""
+        """Move the model to this rank's device, wrap it as ``trainer.strategy`` says (ddp: in DDP
+        when there are several ranks; fsdp: FSDP2 ``fully_shard`` per block, then the root) and
+        register it (unwrapped, so no ``module.`` prefix ever reaches a file).
+
+        With fsdp, build the optimizer from the returned model's parameters (they are sharded)."""
         model = model.to(self.env.device)
-        self.registry.register(name, model)
-        if self.env.world_size > 1:
-            device_ids = [self.env.device.index] if self.env.uses_cuda else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return model
+        wrapped = self.strategy.wrap(model)
+        self._register(name, wrapped if self.strategy.takes(wrapped) else model)
+        return wrapped
 
     def register(self, **objects: Any) -> None:
-        """Register objects with state_dict()/load_state_dict() (optimizer, scheduler, scaler, ...)."""
+        """Register objects with state_dict()/load_state_dict() (optimizer, scheduler, scaler, ...).
+        With fsdp, the optimizers are saved by the strategy (sharded), everything else by rank 0."""
         for name, obj in objects.items():
+            self._register(name, obj)
+
+    def _register(self, name: str, obj: Any) -> None:
+        if obj is not None and self.strategy.takes(obj):
+            if name in self.registry.names:
+                raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
+            self.strategy.adopt(name, obj)
+        else:
             self.registry.register(name, obj)
 
     def loader(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
@@ -365,16 +378,14 @@ class Session:
         self.finish()
 
     def micro_batches(self, model: torch.nn.Module, micro: list) -> Iterator[Any]:
-        """Yield a step's micro-batches; DDP synchronises gradients only in the last one's backward
-        (``no_sync`` around the others). Call backward inside the loop body::
+        """Yield a step's micro-batches; gradients are reduced only in the last one's backward (ddp:
+        ``no_sync`` around the others; fsdp: no reduce-scatter). Call backward inside the loop body::
 
             for micro in session.micro_batches(model, step_batches):
                 (loss_fn(model, micro) / len(step_batches)).backward()
         """
         for index, batch in enumerate(micro):
-            last = index == len(micro) - 1
-            syncs = last or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if syncs else model.no_sync():
+            with self.strategy.gradient_sync(model, enabled=index == len(micro) - 1):
                 yield batch
 
     # ----- resume ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The built-in training loop for tasks described in config (Hydra ``_target_`` instantiation).
 
-One optimizer step: ``trainer.accumulate`` micro-batches (DDP syncs gradients on the last only),
-autocast in ``trainer.precision`` (fp16 with a saved GradScaler), optional gradient clipping, the
+One optimizer step: ``trainer.accumulate`` micro-batches (gradients are reduced on the last only),
+autocast in ``trainer.precision`` (fp16 with a saved GradScaler; with ``trainer.strategy=fsdp``,
+bf16 is FSDP2's MixedPrecisionPolicy instead), optional gradient clipping, the
 optimizer and scheduler steps, the EMA update; every ``trainer.eval_every`` steps an evaluation on
 ``task.eval_data`` logged as ``val_loss`` of that step. Everything stateful is registered, so a
 resumed run continues bit for bit.
@@ -158,7 +159,8 @@ def run_task(session: Session, task: TaskConfig, trainer: TrainerConfig) -> None
     model = session.prepare(build_model(session, task))
     optimizer = instantiate(task.optimizer)(model.parameters())
     scheduler = instantiate(task.scheduler)(optimizer) if task.scheduler else None
-    precision = Precision(trainer.precision, session.device)
+    # FSDP2 casts parameters itself (MixedPrecisionPolicy): autocast on top would cast twice.
+    precision = Precision("fp32" if session.strategy.mixed_precision else trainer.precision, session.device)
     ema = ModelEma(model, trainer.ema_decay) if trainer.ema_decay else None
     session.register(optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler, ema=ema)
     loss_fn = get_method(task.loss)

@@ -5,6 +5,9 @@ import random
 
 import numpy as np
 
+import torch
+from torch import nn
+
 from harness.example import classification_loss
 
 _calls = {"n": 0}
@@ -30,3 +33,23 @@ def loss_for_controls(model, batch):
     draws from neither, so only this loss makes their restore visible)."""
     draws = random.random() + float(np.random.random())
     return classification_loss(model, batch) * OVERFLOWING_SCALE * (1.0 + DRAW_WEIGHT * draws)
+
+
+class BlockMLP(nn.Module):
+    """The example's classifier built from residual blocks in an nn.ModuleList (the layout FSDP2
+    shards block by block), with dropout, so exact resume needs every rank's RNG."""
+
+    def __init__(self, in_features: int = 32, hidden: int = 128, num_classes: int = 8, dropout: float = 0.1,
+                 depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(in_features, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+            for _ in range(depth))
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return self.head(hidden)

@@ -4,6 +4,8 @@
     <dir>/step_000000100/state.pt           the payload in torch.save's format instead (checkpoints
                                             written before the flat format, or holding objects that
                                             the flat format cannot store)
+    <dir>/step_000000100/shards/            trainer.strategy=fsdp: the model and optimizer, one set of
+                                            torch.distributed.checkpoint files per rank (+ .metadata)
     <dir>/step_000000100/manifest.json      written LAST; without it the checkpoint does not exist
 """
 
@@ -16,6 +18,11 @@ from typing import Optional
 MANIFEST_NAME = "manifest.json"
 PAYLOAD_NAME = "state.safetensors"
 LEGACY_PAYLOAD_NAME = "state.pt"
+SHARDS_DIR = "shards"  # a sharded strategy's own files (harness.strategy), listed in the manifest
+# Manifest keys of a sharded checkpoint: the strategy that wrote it, and the folder of its own files.
+INFO_STRATEGY = "strategy"
+INFO_SHARDED = "sharded"
+MAX_FILE_DEPTH = 2  # a manifest's file names: "name" or "folder/name", never deeper
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
 SET_ASIDE_DIR = "set_aside"  # earlier runs' files, moved here by a fresh start (checkpoint.set_aside)
@@ -35,6 +42,16 @@ def step_of(name: str) -> Optional[int]:
 def is_plain_file_name(name: str) -> bool:
     """Whether a manifest's file entry is a plain name inside its checkpoint folder (no path)."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def is_inside_folder(name: str) -> bool:
+    """Whether a manifest's file entry names a file inside its checkpoint folder: a plain name, or
+    at most ``MAX_FILE_DEPTH`` plain names joined by ``/`` (``shards/__0_0.distcp``). Absolute
+    paths, ``..``, ``.``, empty parts (``a//b``, ``a/``), backslashes and NUL are refused."""
+    if not isinstance(name, str):
+        return False
+    parts = name.split("/")
+    return len(parts) <= MAX_FILE_DEPTH and all(is_plain_file_name(part) for part in parts)
 
 
 def payload_file(manifest: dict) -> str:

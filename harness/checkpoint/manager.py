@@ -16,14 +16,16 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch.distributed as dist
 
+from harness.checkpoint import checksum
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
-from harness.checkpoint.layout import HASH_CHUNK, LOCK_NAME, SET_ASIDE_DIR, CheckpointRef, step_of
+from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
+                                       SHARDS_DIR, CheckpointRef, step_dir_name, step_of)
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
@@ -34,6 +36,9 @@ from harness.collectives import distributed, on_rank0, raise_if_any_failed, whic
 from harness.config import CheckpointConfig, HarnessConfig
 from harness.env import DistEnv
 from harness.stop.agreement import grace_warning
+
+if TYPE_CHECKING:
+    from harness.strategy import Strategy
 
 log = logging.getLogger("harness")
 
@@ -55,8 +60,11 @@ class CheckpointManager:
     """Resume, save and flush for one rank; see the module docstring."""
 
     def __init__(self, cfg: HarnessConfig, env: DistEnv, registry: StateRegistry, progress: Progress,
-                 config_data: dict, say: Callable[[str], None]):
+                 config_data: dict, say: Callable[[str], None], strategy: Optional["Strategy"] = None):
+        """``strategy``: the run's harness.strategy; a sharded one saves and restores the state it
+        adopted (model, optimizers) through its own files, and the payload holds the rest."""
         self.cfg = cfg
+        self.strategy = strategy
         self.ckpt: CheckpointConfig = cfg.checkpoint
         self.env = env
         self.registry = registry
@@ -258,8 +266,20 @@ class CheckpointManager:
 
     def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int], own_sampler: bool) -> None:
         started = time.perf_counter()
-        self.registry.load_state_dict(payload[KEY_STATE])
-        own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
+        error = None
+        try:
+            self._check_strategy(ref)
+            self.registry.load_state_dict(payload[KEY_STATE])
+            own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
+        except Exception as exc:
+            error = exc
+        if self._sharded:
+            # Agreed first: a rank that failed above must not leave the others in DCP's collectives.
+            raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
+            # Every rank reads the shards it needs, resharded to this world size (a collective).
+            self.strategy.load(self.store.storage.local_path(f"{ref.name}/{SHARDS_DIR}"))
+        elif error is not None:
+            raise error
         self.progress.load_state_dict(payload[KEY_PROGRESS])
         self._remap(payload[KEY_RNG], data_unit, own_sampler)
         self.last_saved_step = self.progress.step
@@ -272,6 +292,26 @@ class CheckpointManager:
         warning = grace_warning(save_s, self.cfg.preempt.grace_s) if save_s else None
         if warning:
             self.say("WARNING: " + warning)
+
+    @property
+    def _sharded(self) -> bool:
+        return self.strategy is not None and self.strategy.sharded
+
+    def _check_strategy(self, ref: CheckpointRef) -> None:
+        """A sharded checkpoint needs a sharded strategy to load it, and the reverse (converting
+        between them is not done yet). Every rank sees the same manifest, so all raise together."""
+        written_by = ref.manifest.get(INFO_STRATEGY, "ddp")
+        shards = ref.manifest.get(INFO_SHARDED)
+        if shards is not None and shards != SHARDS_DIR:  # never a path taken from a file
+            raise CheckpointError(f"{self.store.root}/{ref.name}: its manifest names shard folder {shards!r}; "
+                                  f"this harness reads {SHARDS_DIR!r} only")
+        if (shards is not None) == self._sharded:
+            return
+        running = self.strategy.name if self.strategy is not None else "ddp"
+        raise CheckpointError(
+            f"{self.store.root}/{ref.name} was written with trainer.strategy={written_by} and this run uses "
+            f"trainer.strategy={running}; resuming across strategies is not supported yet. HINT: resume "
+            f"with trainer.strategy={written_by}, or start this run in another checkpoint.dir")
 
     def _remap(self, rng_per_rank: list, data_unit: Optional[int], own_sampler: bool = False) -> None:
         """Each rank's RNG when the world is the same; else keep the data position by samples.
@@ -370,11 +410,14 @@ class CheckpointManager:
         if self.last_saved_step == self.progress.step:
             return
         rng_per_rank = self._gather_rng()
+        written = self._save_shards() if self._sharded else None
 
         def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
             payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data)
             info = versions() | {"world_size": self.env.world_size, "metric": metric}
-            self.writer.submit(self.progress.step, payload, info)
+            if written is not None:
+                info |= {INFO_STRATEGY: self.strategy.name, INFO_SHARDED: SHARDS_DIR}
+            self.writer.submit(self.progress.step, payload, info, written)
 
         on_rank0(submit, f"failed to save step {self.progress.step}", self.env.is_main)
         self.last_saved_step = self.progress.step
@@ -382,6 +425,41 @@ class CheckpointManager:
             warning = grace_warning(self.writer.last_save_s, self.cfg.preempt.grace_s)
             if warning:
                 self.say("WARNING: " + warning)
+
+    def _save_shards(self) -> dict[str, dict]:
+        """Every rank writes its shards of step ``progress.step`` and hashes the files it wrote; rank
+        0 gets every rank's entries ({"shards/<file>": entry}) once all files are durable. A
+        collective: a failure on any rank raises on every rank, and nothing is committed.
+
+        Order: rank 0 empties ``<step>/shards`` (the step folder is no checkpoint while it has no
+        manifest), every rank writes and fsyncs its files (DCP, a collective), hashes its own, the
+        entries are gathered (the agreement that every rank's files are durable), rank 0 fsyncs the
+        folders. Only then may rank 0 write the payload and, last, the manifest.
+        """
+        step = self.progress.step
+        on_rank0(lambda: self.store.open_folder(step, SHARDS_DIR),
+                 f"failed to prepare {self.store.root}/{step_dir_name(step)}/{SHARDS_DIR}", self.env.is_main)
+        # Each rank's own path to the folder (a shared filesystem may be mounted elsewhere on its node).
+        folder = self.store.storage.local_path(f"{step_dir_name(step)}/{SHARDS_DIR}")
+        entries, error = {}, None
+        try:
+            for rel in self.strategy.save(folder):
+                path = os.path.join(folder, rel)
+                entries[f"{SHARDS_DIR}/{rel}"] = checksum.file_entry(os.path.getsize(path), checksum.of_file(path))
+        except Exception as exc:  # every rank must learn it before rank 0 could commit
+            error = exc
+        raise_if_any_failed(error, f"failed to save the shards of step {step}", self.env.device)
+        written = self._gather(entries)
+        on_rank0(lambda: self.store.make_durable(step, SHARDS_DIR),
+                 f"failed to make {self.store.root}/{step_dir_name(step)} durable", self.env.is_main)
+        return {name: entry for rank_entries in written for name, entry in rank_entries.items()}
+
+    def _gather(self, item: object) -> list:
+        if not distributed():
+            return [item]
+        gathered: list = [None] * self.env.world_size
+        dist.all_gather_object(gathered, item)
+        return gathered
 
     def flush(self) -> None:
         """Wait until the last checkpoint is committed (and uploaded, when staging); a collective.
@@ -397,10 +475,5 @@ class CheckpointManager:
             self.store.storage.flush()
 
     def _gather_rng(self) -> list:
-        state = capture_rng()
-        if not distributed():
-            return [state]
-        gathered: list = [None] * self.env.world_size
-        dist.all_gather_object(gathered, state)
-        return gathered
+        return self._gather(capture_rng())
 

@@ -11,7 +11,7 @@ and named checksum. Version history:
 
 ``parse`` accepts versions 1 and 2. Everything it refuses (bad JSON, another format or version, a
 step that is not a number, no files, a file entry without a size or a known checksum, a file name
-that is not a plain name inside the checkpoint folder) raises UnusableManifest: the checkpoint is
+that is not a plain name, or one subfolder and a plain name, inside the checkpoint folder) raises UnusableManifest: the checkpoint is
 skipped with a warning, kept on disk, and the previous one is used. Parsing is pure: nothing a
 manifest names is opened or even looked at while deciding.
 """
@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from harness.checkpoint import checksum
-from harness.checkpoint.layout import is_plain_file_name
+from harness.checkpoint.layout import is_inside_folder
 
 FORMAT = "harness.manifest"
 VERSION = 2  # what this harness writes
@@ -35,7 +35,8 @@ class UnusableManifest(ValueError):
 
 
 def build(step: int, files: dict[str, dict], write_s: float, info: dict) -> dict:
-    """A new manifest: ``files`` maps plain file names to ``checksum.file_entry`` records."""
+    """A new manifest: ``files`` maps file names inside the checkpoint folder (``layout.is_inside_folder``)
+    to ``checksum.file_entry`` records."""
     return {
         "format": FORMAT,
         "format_version": VERSION,
@@ -71,12 +72,12 @@ def parse(data: bytes) -> dict:
 
 def entries(manifest: dict) -> dict[str, tuple[int, str]]:
     """{file name: (bytes, named checksum)} of a manifest; raises UnusableManifest for a missing or
-    empty file list, a name that is not a plain file name inside the folder (``../x``, ``/etc/x``),
+    empty file list, a name that is not a file inside the folder (``../x``, ``/etc/x``, ``a/../../x``),
     or an entry without a size or without a checksum this harness can compute."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise UnusableManifest(f"it lists no files ({files!r})")
-    outside = [name for name in files if not is_plain_file_name(name)]
+    outside = [name for name in files if not is_inside_folder(name)]
     if outside:
         raise UnusableManifest(f"it names files outside the checkpoint folder: {outside}")
     found = {}

@@ -12,14 +12,16 @@ loaded: the previous checkpoint is used instead.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Optional
 
 from harness.checkpoint import checksum, flat
 from harness.checkpoint import manifest as manifests
-from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, manifest_path, step_dir_name,
-                                       step_of)
+from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, is_inside_folder, manifest_path,
+                                       step_dir_name, step_of)
 from harness.checkpoint.errors import CheckpointError, write_hint
 from harness.checkpoint.manifest import UnusableManifest
 from harness.checkpoint.storage import Storage
@@ -76,6 +78,23 @@ class Retention:
         return [ref for ref in ordered if ref.step not in keep]
 
 
+def _checked_extra_files(written: dict[str, dict], payload_name: str) -> dict[str, dict]:
+    """A copy of ``written`` (see CheckpointStore.commit), its names checked."""
+    bad = [name for name in written if not is_inside_folder(name) or name in (payload_name, MANIFEST_NAME)]
+    if bad:
+        raise ValueError(f"files {bad} cannot be listed in a manifest: names must be inside the "
+                         f"checkpoint folder and differ from {payload_name} and {MANIFEST_NAME}")
+    return dict(written)
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _root_os_error(error: BaseException) -> BaseException:
     """The OSError (ENOSPC, EROFS, ...) behind an error, if there is one."""
     cause: BaseException | None = error
@@ -97,19 +116,25 @@ class CheckpointStore:
         return self.storage.root
 
     def commit(self, step: int, fill: Callable[[IO[bytes]], None], info: dict,
-               payload_name: str = PAYLOAD_NAME) -> CheckpointRef:
+               payload_name: str = PAYLOAD_NAME, written: Optional[dict[str, dict]] = None) -> CheckpointRef:
         """Write the payload file ``payload_name``, then the manifest that makes it exist. ``info``
         goes into the manifest.
+
+        ``written``: files other ranks (or this one) already wrote into the checkpoint folder and made
+        durable (a sharded strategy's ``shards/...``), ``{name inside the folder: checksum.file_entry}``;
+        the manifest lists them with the payload. Raises ValueError for a name outside the folder or
+        one that collides with the payload or the manifest.
 
         On failure (full disk, read-only folder, ...) raises CheckpointError naming the folder; no
         existing checkpoint is touched, and the partial one has no manifest so it does not exist.
         """
         name = step_dir_name(step)
+        files = _checked_extra_files(written or {}, payload_name)
         started = time.perf_counter()
         try:
             size, digest = self.storage.write(f"{name}/{payload_name}", fill)
-            manifest = manifests.build(step, {payload_name: checksum.file_entry(size, digest)},
-                                       time.perf_counter() - started, info)
+            files[payload_name] = checksum.file_entry(size, digest)
+            manifest = manifests.build(step, files, time.perf_counter() - started, info)
             encoded = manifests.encode(manifest)
             self.storage.write(manifest_path(name), lambda handle: handle.write(encoded))
         except (OSError, RuntimeError) as error:  # torch.save turns a failed write into RuntimeError
@@ -118,6 +143,39 @@ class CheckpointStore:
                 f"could not write checkpoint step {step} to {self.root}/{name}: {error}; "
                 f"{self._what_is_kept()}. {write_hint(error)}") from error
         return CheckpointRef(step=step, name=name, manifest=manifest)
+
+    def open_folder(self, step: int, subfolder: str) -> str:
+        """The local path of ``<step folder>/<subfolder>``, empty and ready for other writers (a
+        sharded strategy's ranks), with the step folder NOT a checkpoint while they write: a manifest
+        left there (a complete or unusable checkpoint of the same step, e.g. one whose resume fell
+        back to an older step) is removed first, then the subfolder. Rank 0 calls it before the
+        ranks write; a crash at any instant leaves a folder without manifest, which does not exist.
+        Raises CheckpointError for storage without local paths."""
+        name = step_dir_name(step)
+        folder = self.storage.local_path(f"{name}/{subfolder}")
+        if folder is None:
+            raise CheckpointError(f"{self.root} has no local path: sharded checkpoints need a local or "
+                                  "shared filesystem folder")
+        try:
+            os.unlink(self.storage.local_path(manifest_path(name)))
+            _fsync_folder(os.path.dirname(folder))
+            log.warning("replacing checkpoint %s/%s of the same step", self.root, name)
+        except FileNotFoundError:
+            pass
+        if os.path.islink(folder) or os.path.isfile(folder):  # never write through a link
+            os.unlink(folder)
+        elif os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.makedirs(folder)
+        return folder
+
+    def make_durable(self, step: int, subfolder: str) -> None:
+        """fsync ``<step folder>/<subfolder>``, the step folder and the run folder, so the entries
+        of files other writers created there survive a power loss before the manifest names them."""
+        name = step_dir_name(step)
+        folder = self.storage.local_path(f"{name}/{subfolder}")
+        for path in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+            _fsync_folder(path)
 
     def _what_is_kept(self) -> str:
         """For a failed commit's message: the newest earlier checkpoint, if the folder can be listed."""

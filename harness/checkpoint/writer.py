@@ -169,14 +169,16 @@ class CheckpointWriter:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def submit(self, step: int, payload: dict, info: dict) -> None:
+    def submit(self, step: int, payload: dict, info: dict, written: Optional[dict[str, dict]] = None) -> None:
+        """Commit ``payload`` as step ``step``; ``written``: files already in the step folder that the
+        manifest lists too (CheckpointStore.commit)."""
         started = time.perf_counter()
         self.flush()  # at most one save in flight; surfaces a previous failure
         if not self.asynchronous:
-            self._commit(step, encode(payload), info, started)
+            self._commit(step, encode(payload), info, started, written)
             return
         file = self._take_snapshot(payload)
-        self._thread = threading.Thread(target=self._background, args=(step, file, info, started),
+        self._thread = threading.Thread(target=self._background, args=(step, file, info, started, written),
                                         name=f"harness-save-{step}", daemon=False)
         self._thread.start()
 
@@ -189,15 +191,17 @@ class CheckpointWriter:
                 torch.cuda.synchronize()  # non_blocking copies must land before the thread reads them
             return legacy(copied, reason)
 
-    def _commit(self, step: int, file: PayloadFile, info: dict, started: float) -> None:
-        self.last_ref = self.store.commit(step, file.write_to, info, payload_name=file.name)
+    def _commit(self, step: int, file: PayloadFile, info: dict, started: float,
+                written: Optional[dict[str, dict]] = None) -> None:
+        self.last_ref = self.store.commit(step, file.write_to, info, payload_name=file.name, written=written)
         self.last_save_s = time.perf_counter() - started
         self.store.prune(self.retention, current=step)
 
-    def _background(self, step: int, file: PayloadFile, info: dict, started: float) -> None:
+    def _background(self, step: int, file: PayloadFile, info: dict, started: float,
+                    written: Optional[dict[str, dict]]) -> None:
         _lower_thread_priority()
         try:
-            self._commit(step, file, info, started)
+            self._commit(step, file, info, started, written)
         except BaseException as error:  # surfaced to the loop by flush(); never swallowed
             self._error = error
 

@@ -235,12 +235,16 @@ def test_staging_recovery_skips_a_manifest_with_an_unknown_checksum_algorithm(tm
 
 # ---- 10: file names outside the checkpoint folder ---------------------------------------------------
 
-@pytest.mark.parametrize("where", ["dot-dot", "absolute"])
+OUTSIDE_NAMES = {"dot-dot": "../../outside", "subfolder-dot-dot": "shards/../../../outside",
+                 "subfolder-then-absolute": "shards//{fifo}"}
+
+
+@pytest.mark.parametrize("where", ["dot-dot", "absolute", "subfolder-dot-dot", "subfolder-then-absolute"])
 def test_a_manifest_naming_a_file_outside_its_folder_is_skipped_without_opening_it(tmp_path, caplog, where):
     store, root = _run(tmp_path)
     fifo = tmp_path / "outside"  # opening a FIFO for reading blocks until a writer comes
     os.mkfifo(fifo)
-    name = "../../outside" if where == "dot-dot" else str(fifo)
+    name = str(fifo) if where == "absolute" else OUTSIDE_NAMES[where].format(fifo=fifo)
 
     def name_outside(manifest):
         manifest["files"] = {name: {"bytes": 0, "checksum": checksum.of_bytes(b"")}, **manifest["files"]}

@@ -1,0 +1,167 @@
+"""FSDP2: parameters, gradients and optimizer state sharded over every rank; checkpoints through
+torch.distributed.checkpoint (DCP), each rank writing only its own shards.
+
+The model is sharded with ``fully_shard`` per block (the classes named in ``trainer.fsdp_shard``,
+else each element of the model's ``nn.ModuleList``s), then the root, on a 1-D device mesh over all
+ranks. ``trainer.precision=bf16`` becomes ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)``. The state is taken and restored with ``get_state_dict``/``set_state_dict``
+(full parameter names, no wrapper prefixes), so a checkpoint written by N ranks loads on M: DCP
+reshards at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Any, ContextManager, Iterator, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from harness.env import DistEnv
+
+OPTIMIZER_KEY = "optimizer"  # the DCP key of the optimizers' state (several are merged by FQN)
+METADATA_FILE = ".metadata"  # DCP's metadata file, written last by its coordinator (rank 0)
+# DCP's FileSystemWriter names each rank's data files "__<rank>_<n>.distcp": the rank that wrote a
+# file hashes it (its pages are still cached there); anything else is hashed by rank 0.
+_RANK_FILE = re.compile(r"^__(\d+)_")
+
+
+class FSDPStrategy:
+    """Sharded training (see harness.strategy for the contract)."""
+
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, env: DistEnv, shard_classes: list[str], precision: str):
+        self.env = env
+        self.shard_classes = shard_classes
+        self.mixed_precision = precision == "bf16"
+        self.model: Optional[nn.Module] = None
+        self.model_name: Optional[str] = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    # ----- training -------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` each block (innermost first), then the root; returns the same module,
+        now an FSDPModule. Raises ValueError when ``trainer.fsdp_shard`` names no class of the model."""
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.mixed_precision else MixedPrecisionPolicy()
+        for block in shard_units(model, self.shard_classes):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
+        if enabled or not isinstance(model, FSDPModule):
+            return contextlib.nullcontext()
+        return _no_reduce_scatter(model)
+
+    # ----- state ----------------------------------------------------------------------------------
+    def takes(self, obj: Any) -> bool:
+        """The sharded model and every optimizer: their state is sharded, so it goes to DCP."""
+        return isinstance(obj, FSDPModule) or isinstance(obj, torch.optim.Optimizer)
+
+    def adopt(self, name: str, obj: Any) -> None:
+        if name in self.optimizers or name == self.model_name:
+            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
+        if isinstance(obj, torch.optim.Optimizer):
+            self.optimizers[name] = obj
+        elif self.model is not None:
+            raise ValueError(f"trainer.strategy=fsdp takes one model per session; {self.model_name!r} is "
+                             f"prepared already, so {name!r} cannot be")
+        else:
+            self.model, self.model_name = obj, name
+
+    def _state(self) -> dict:
+        """{model name: sharded model state, "optimizer": the optimizers' sharded state} (DTensors;
+        on a fresh optimizer, torch initialises its state first so the template is complete)."""
+        if self.model is None:
+            raise RuntimeError("trainer.strategy=fsdp saves the prepared model: call session.prepare(model) first")
+        state = {self.model_name: get_model_state_dict(self.model)}
+        if self.optimizers:
+            state[OPTIMIZER_KEY] = get_optimizer_state_dict(self.model, list(self.optimizers.values()))
+        return state
+
+    def save(self, folder: str) -> list[str]:
+        """Every rank writes its shards to ``folder`` (a collective; DCP fsyncs each file and writes
+        its metadata last through a temporary name); returns the files this rank hashes."""
+        metadata = dcp.save(self._state(), storage_writer=FileSystemWriter(folder, sync_files=True))
+        files = {info.relative_path for info in metadata.storage_data.values()} | {METADATA_FILE}
+        return sorted(name for name in files if _hashed_by(name, self.env.world_size) == self.env.rank)
+
+    def load(self, folder: str) -> None:
+        """Restore the model and optimizers from ``folder`` (a collective; any world size)."""
+        state = self._state()
+        dcp.load(state, storage_reader=FileSystemReader(folder))
+        set_model_state_dict(self.model, state[self.model_name])
+        if self.optimizers:
+            set_optimizer_state_dict(self.model, list(self.optimizers.values()), state[OPTIMIZER_KEY])
+
+
+@contextlib.contextmanager
+def _no_reduce_scatter(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _hashed_by(name: str, world_size: int) -> int:
+    match = _RANK_FILE.match(name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < world_size else 0
+
+
+def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
+    """The blocks that get their own ``fully_shard``, innermost first (FSDP2 requires children
+    before their parents): modules whose class is named in ``class_names``, else each element of
+    every ``nn.ModuleList``. Raises ValueError for a class name that matches nothing."""
+    modules = [module for module in model.modules() if module is not model]
+    if class_names:
+        units = [module for module in modules if type(module).__name__ in class_names]
+        unknown = sorted(set(class_names) - {type(module).__name__ for module in units})
+        if unknown:
+            present = sorted({type(module).__name__ for module in modules})
+            raise ValueError(f"trainer.fsdp_shard={class_names}: the model has no module of class "
+                             f"{unknown}; its classes are {present}")
+    else:
+        units = [child for module in modules if isinstance(module, nn.ModuleList) for child in module]
+    return _innermost_first(model, units)
+
+
+def _innermost_first(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    depth = {id(module): name.count(".") for name, module in model.named_modules()}
+    return sorted(units, key=lambda module: -depth[id(module)])
+
+
+def read_full_state(folder: str) -> dict:
+    """Every entry of a DCP checkpoint folder, unsharded, read by this one process (no process
+    group needed): ``{model name: {fqn: tensor}, "optimizer": {"state": ..., "param_groups": ...}}``.
+    Holds the whole state in memory: for tools and tests on models that fit one host."""
+    # Public DCP offers no "load everything" without a template; this is what its own
+    # format_utils use (torch 2.13: torch.distributed.checkpoint.state_dict_loader).
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # one process without a process group is what we mean here
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        return _load_state_dict_from_keys(checkpoint_id=folder)
+
+
+def read_metadata(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{flattened key: (shape, dtype)} of every tensor in a DCP checkpoint folder, from its
+    ``.metadata`` alone (no tensor is read)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(folder).read_metadata()
+    return {key: (tuple(entry.size), str(entry.properties.dtype).replace("torch.", ""))
+            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}

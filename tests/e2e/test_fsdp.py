@@ -1,0 +1,236 @@
+"""trainer.strategy=fsdp: FSDP2 on 2 CPU ranks over gloo, sharded checkpoints through DCP.
+
+Every rank writes its own shards of the model and optimizer; rank 0 writes the rest (progress, RNG,
+scheduler) and the manifest last, listing every file. A stop signal to one rank, SIGKILL at random
+instants and a resume on another world size must all end where an uninterrupted run ends, tensor by
+tensor, with a negative control showing the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, assert_tensors_equal, kill_tree, launch_cmd, metrics, read_step, run_launch,
+                      signal_job, start_launch, steps_with_saves, uninterrupted_run, wait_for, worker_pids)
+from harness.checkpoint import checksum
+from harness.ckpt import digest, main as ckpt_main
+from harness.strategy.fsdp import read_full_state
+
+FSDP_STEPS = 48  # 32 steps per epoch (2048 samples / 2 ranks / 32): the runs cross an epoch boundary
+FSDP = ("trainer.strategy=fsdp", "task.model._target_=tests.tasks.BlockMLP", f"trainer.max_steps={FSDP_STEPS}",
+        "checkpoint.every_steps=8", "trainer.log_every=8")
+
+
+def _step_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:09d}"
+
+
+def _final_state(ckpt_dir: Path) -> tuple[dict, dict]:
+    """(full model + optimizer state from the shards, rank 0's payload) of the newest checkpoint."""
+    step_dir = _step_dir(ckpt_dir, steps_with_saves(ckpt_dir)[-1])
+    return read_full_state(str(step_dir / "shards")), read_step(ckpt_dir, steps_with_saves(ckpt_dir)[-1])
+
+
+def _assert_same_training(run_dir: Path, reference_dir: Path) -> None:
+    """Model and optimizer (every shard, unsharded), scheduler, progress and every loss equal."""
+    (run_shards, run_payload), (ref_shards, ref_payload) = _final_state(run_dir), _final_state(reference_dir)
+    assert run_payload["progress"]["step"] == ref_payload["progress"]["step"] == FSDP_STEPS
+    assert_tensors_equal(run_shards, ref_shards, "shards")
+    assert_tensors_equal(run_payload["state"], ref_payload["state"], "state")
+    assert {s: r["loss"] for s, r in metrics(run_dir).items()} == \
+        {s: r["loss"] for s, r in metrics(reference_dir).items()}
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory) -> Path:
+    return uninterrupted_run(tmp_path_factory, "fsdp-reference", *FSDP)
+
+
+def test_fsdp_checkpoint_lists_every_rank_shard_in_its_manifest(fsdp_reference, capsys):
+    step_dir = _step_dir(fsdp_reference, FSDP_STEPS)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    on_disk = {str(path.relative_to(step_dir)) for path in step_dir.rglob("*") if path.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    assert {"shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp", "state.safetensors"} <= on_disk
+    assert manifest["strategy"] == "fsdp" and manifest["world_size"] == 2
+    payload = read_step(fsdp_reference, FSDP_STEPS)
+    assert set(payload["state"]) == {"scheduler"}  # model and optimizer live in the shards only
+    full, _ = _final_state(fsdp_reference)
+    assert set(full) == {"model", "optimizer"} and "blocks.1.1.weight" in full["model"]
+    assert ckpt_main(["verify", str(fsdp_reference)]) == 0
+
+
+def test_ckpt_inspect_and_export_read_the_full_tensors_of_the_shards(fsdp_reference, tmp_path, capsys):
+    full, _ = _final_state(fsdp_reference)
+    capsys.readouterr()
+    assert ckpt_main(["inspect", "--json", str(_step_dir(fsdp_reference, FSDP_STEPS))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shapes = {t["key"]: t["shape"] for t in report["groups"]["model"]["tensors"]}
+    assert shapes["blocks.1.1.weight"] == [128, 128] and shapes["embed.weight"] == [128, 32]
+    assert report["digests"]["model"] == digest(full["model"]) and report["world_size"] == 2
+    out = tmp_path / "weights.pt"
+    assert ckpt_main(["export", str(fsdp_reference), str(out)]) == 0
+    assert_tensors_equal(torch.load(out, weights_only=True), full["model"], "exported")
+
+
+def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_reference):
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
+                                        *FSDP, after_step=12)
+    assert code == 75, output
+    stopped = steps_with_saves(ckpt_dir)[-1]
+    assert 12 <= stopped < FSDP_STEPS, output
+    result = run_launch(ckpt_dir, *FSDP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
+    _assert_same_training(ckpt_dir, fsdp_reference)
+
+
+def _rewrite_shards(step_dir: Path, change) -> None:
+    """Replace a checkpoint's shards by ``change(full state)`` written by one process (so the resume
+    also reshards 1 -> 2 files), and record the new files in the manifest, as a tampering user would."""
+    import torch.distributed.checkpoint as dcp
+
+    state = read_full_state(str(step_dir / "shards"))
+    change(state)
+    shutil.rmtree(step_dir / "shards")
+    dcp.save(state, checkpoint_id=str(step_dir / "shards"), no_dist=True)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"] = {name: entry for name, entry in manifest["files"].items() if not name.startswith("shards/")}
+    for path in (step_dir / "shards").iterdir():
+        manifest["files"][f"shards/{path.name}"] = checksum.file_entry(path.stat().st_size, checksum.of_file(str(path)))
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change", ["none", "optimizer-moments-lost"])
+def test_resume_from_rewritten_shards_matches_only_when_the_optimizer_state_is_kept(tmp_path, fsdp_reference, change):
+    """The control pair: the same shards rewritten by one process resume bit-exact (resharding
+    1 -> 2 included); with AdamW's moments zeroed the run must differ, so the comparison can fail."""
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    for step in steps_with_saves(ckpt_dir):
+        if step > 24:
+            shutil.rmtree(_step_dir(ckpt_dir, step))
+
+    def lose_moments(state: dict) -> None:
+        for slots in state["optimizer"]["state"].values():
+            slots["exp_avg"].zero_()
+            slots["exp_avg_sq"].zero_()
+
+    _rewrite_shards(_step_dir(ckpt_dir, 24), lose_moments if change != "none" else lambda state: None)
+    result = run_launch(ckpt_dir, *FSDP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_000000024 at step 24" in result.stdout
+    if change == "none":
+        _assert_same_training(ckpt_dir, fsdp_reference)
+    else:
+        with pytest.raises(AssertionError):
+            _assert_same_training(ckpt_dir, fsdp_reference)
+
+
+def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp_path, fsdp_reference, capsys):
+    ckpt_dir = tmp_path / "ckpt"
+    rng = random.Random(22)
+    overrides = (*FSDP, "checkpoint.every_steps=3")  # saves are frequent, so kills land inside them too
+    for attempt in range(2):
+        launcher = start_launch(ckpt_dir, *overrides)
+        worker_pids(launcher)
+        done_before = max(metrics(ckpt_dir), default=0)
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
+        time.sleep(rng.uniform(0.0, 0.25))
+        kill_tree(launcher)
+    capsys.readouterr()
+    code = ckpt_main(["verify", str(ckpt_dir)])
+    states = {line.rsplit(": ", 1)[-1] for line in capsys.readouterr().out.splitlines()}
+    assert "OK" in states and states <= {"OK", "INCOMPLETE"} and code == (states != {"OK"}), states
+    result = run_launch(ckpt_dir, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    _assert_same_training(ckpt_dir, fsdp_reference)
+
+
+def test_a_corrupt_shard_fails_verify_and_resume_falls_back(tmp_path, fsdp_reference, capsys):
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    shard = _step_dir(ckpt_dir, FSDP_STEPS) / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert ckpt_main(["verify", str(ckpt_dir)]) == 1
+    captured = capsys.readouterr()
+    assert f"step_{FSDP_STEPS:09d}: CORRUPT" in captured.out and "shards/__1_0.distcp" in captured.err
+    result = run_launch(ckpt_dir, *FSDP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"skipping corrupt checkpoint {ckpt_dir}/step_{FSDP_STEPS:09d}" in result.stderr
+    assert f"resumed from {ckpt_dir}/step_000000040 at step 40" in result.stdout
+    _assert_same_training(ckpt_dir, fsdp_reference)
+
+
+def test_two_ranks_to_one_reshards_exactly_and_continues_the_data_stream(tmp_path):
+    """Stop a 2-rank run, load it on 1 rank: the weights and optimizer right after the load equal the
+    checkpoint's exactly (DCP reshards), and the run then continues to the end on 1 rank, keeping
+    the data position by samples (global batch 2 x 32 = 1 x 64)."""
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[0], signal.SIGTERM),
+                                        *FSDP, after_step=12)
+    assert code == 75, output
+    stopped = steps_with_saves(ckpt_dir)[-1]
+    one_rank = (*FSDP, "launcher.nproc_per_node=1", "task.batch_size=64")
+    dump = tmp_path / "loaded.pt"
+    loaded = subprocess.run([*launch_cmd(ckpt_dir, *one_rank), "script=tests/scripts/fsdp_dump.py",
+                             f"script_args=[{dump}]"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert "checkpoint was written by 2 ranks, this run has 1" in loaded.stdout
+    state = torch.load(dump, weights_only=True)
+    saved = read_full_state(str(_step_dir(ckpt_dir, stopped) / "shards"))
+    assert state["step"] == stopped
+    earlier = read_full_state(str(_step_dir(ckpt_dir, 8) / "shards"))["model"]
+    assert not torch.equal(earlier["head.weight"], saved["model"]["head.weight"])  # the control: weights moved
+    assert_tensors_equal(state["model"], saved["model"], "model")
+    assert_tensors_equal(state["optimizer"]["state"], saved["optimizer"]["state"], "optimizer")
+    resumed = run_launch(ckpt_dir, *one_rank)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out
+    assert "continue exactly" in out, out
+    assert steps_with_saves(ckpt_dir)[-1] == FSDP_STEPS
+    assert json.loads((_step_dir(ckpt_dir, FSDP_STEPS) / "manifest.json").read_text())["world_size"] == 1
+
+
+EVAL_DATA = "task.eval_data={_target_:harness.example.SyntheticClassification,num_samples:96,seed:5}"
+BF16_LOOP = (*FSDP, "trainer.precision=bf16", "trainer.accumulate=2", "trainer.clip_grad_norm=0.5",
+             "trainer.eval_every=8", EVAL_DATA)
+
+
+def test_bf16_accumulation_clipping_and_eval_resume_bit_exact(tmp_path_factory, tmp_path):
+    """FSDP2's bf16 MixedPrecisionPolicy, no reduce-scatter on the first of 2 micro-batches, clipping
+    of sharded gradients and evaluation, stopped by SIGTERM to rank 0 and resumed."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-bf16-reference", *BF16_LOOP)
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[0], signal.SIGTERM),
+                                        *BF16_LOOP, after_step=10)
+    assert code == 75, output
+    result = run_launch(ckpt_dir, *BF16_LOOP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_same_training(ckpt_dir, reference)
+    val = {step: row["val_loss"] for step, row in metrics(ckpt_dir).items() if "val_loss" in row}
+    assert val == {step: row["val_loss"] for step, row in metrics(reference).items() if "val_loss" in row}
+    assert sorted(val) == list(range(8, FSDP_STEPS + 1, 8))
+    full, _ = _final_state(reference)
+    assert full["model"]["head.weight"].dtype == torch.float32  # bf16 for compute, fp32 kept and saved
+
+
+def test_a_sharded_checkpoint_is_refused_clearly_by_a_ddp_run(fsdp_reference, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    result = run_launch(ckpt_dir, *[o for o in FSDP if not o.startswith("trainer.strategy")],
+                        f"trainer.max_steps={FSDP_STEPS + 8}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "was written with trainer.strategy=fsdp and this run uses trainer.strategy=ddp" in result.stderr
