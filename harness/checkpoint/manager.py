@@ -181,7 +181,7 @@ class CheckpointManager:
             if name not in (LOCK_NAME, SET_ASIDE_DIR):
                 os.rename(os.path.join(root, name), os.path.join(target, name))
         self.say(f"checkpoint.resume=false: set aside the earlier run's {described} (and its metrics) "
-                 f"in {target}; starting fresh")
+                 f"in {target}")
 
     def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None, own_sampler: bool = False) -> None:
         """Restore ``ref`` on every rank; if any rank fails, all of them raise.

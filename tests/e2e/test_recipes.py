@@ -212,11 +212,17 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _default_sighup() -> None:
+    """A loop started under nohup (as a CI runner may start the suite) inherits SIGHUP ignored and,
+    by design, leaves it so: the HUP case tests a loop that was started able to receive it."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, target, inherited", [
     (signal.SIGTERM, "loop", None),
     (signal.SIGUSR1, "loop", None),
     (signal.SIGUSR2, "loop", None),
-    (signal.SIGHUP, "loop", None),
+    (signal.SIGHUP, "loop", _default_sighup),
     (signal.SIGINT, "process group", None),
     (signal.SIGINT, "process group", _ignore_sigint)],
     ids=["SIGTERM-to-loop", "SIGUSR1-to-loop", "SIGUSR2-to-loop", "SIGHUP-to-loop", "SIGINT-to-terminal-group",
