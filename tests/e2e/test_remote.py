@@ -309,17 +309,18 @@ def test_launcher_trains_to_s3_and_resumes_bit_exact(moto_server, s3_url, tmp_pa
 def test_a_resume_from_s3_downloads_the_payload_once_per_node_and_removes_the_copy(moto_server, s3_url, tmp_path,
                                                                                  monkeypatch):
     """Two ranks on one node resume from S3: local rank 0 downloads the payload once into a node-local
-    file that both ranks map (one GET, not one per rank), and the file is gone afterwards."""
+    file that both ranks map (one download, not one per rank), and the file is gone afterwards."""
     _launch(s3_url, 40)
     node_tmp = tmp_path / "node-tmp"
     node_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(node_tmp))  # where the node-local copy goes (tempfile.gettempdir)
     before = len(moto_server.requests())
-    # verify=false: rank 0 does not read the payload to check it, so every GET of it is a download.
+    # verify=false: rank 0 does not hash the payload; it still reads its header (one GET: a payload
+    # whose header is bogus is never chosen), then local rank 0 downloads it once for the node.
     second = _launch(s3_url, E2E_STEPS, "checkpoint.verify=false")
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     key = "/" + _key(s3_url, "step_000000040/state.safetensors")
     gets = [line for line in moto_server.requests()[before:] if f"GET /{BUCKET}{key} " in line]  # ranged or not
-    assert len(gets) == 1, f"expected one download for the node's 2 ranks, got {len(gets)}: {gets}"
+    assert len(gets) == 2, f"expected the header check and one download for the node's 2 ranks, got {len(gets)}: {gets}"
     assert not list(node_tmp.glob("harness-resume-*")), "the node-local copy must be removed"
     assert _store(s3_url).latest_valid().step == E2E_STEPS
