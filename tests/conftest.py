@@ -102,32 +102,22 @@ def metrics(ckpt_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def logged_launches(ckpt_dir: Path) -> list[list[int]]:
-    """The steps of metrics.jsonl in file order, split where a step does not follow on from the one
-    before: one list per launch that logged (a relaunch logs again from its resumed step + 1)."""
-    path = ckpt_dir / "metrics.jsonl"
-    launches: list[list[int]] = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        if line.strip():
-            step = json.loads(line)["step"]
-            if not launches or step != launches[-1][-1] + 1:
-                launches.append([])
-            launches[-1].append(step)
-    return launches
+STOP_LINE = re.compile(r"stop requested .*? at step (\d+): checkpoint")
 
 
 def assert_resumed_where_the_first_launch_stopped(ckpt_dir: Path, output: str) -> int:
     """A job stopped once with a save of the step it stopped at (a stop signal, a requeue) and was
-    launched again: the first launch's last logged step has a checkpoint, the next launch resumed from
-    exactly that one and logged on from the step after it. Returns the step. (``output``: the logs of
-    every launch, or of the later ones; rank 0 says where it resumed.)"""
-    launches = logged_launches(ckpt_dir)
-    assert len(launches) >= 2, f"metrics.jsonl shows {len(launches)} launch(es), not a stop and a relaunch"
-    stopped = launches[0][-1]
+    launched again: rank 0's first "stop requested ... at step N" names a step that has a checkpoint,
+    the next launch resumed from exactly that one, and metrics.jsonl holds every step once from 1 on
+    (the relaunch logged on from N + 1). Returns N. (``output``: the logs of every launch.)"""
+    stops = [int(step) for step in STOP_LINE.findall(output)]
+    assert stops, f"no stop in the output:\n{output[-3000:]}"
+    stopped = stops[0]
     assert stopped in steps_with_saves(ckpt_dir), f"the first launch stopped at {stopped} without its checkpoint"
     resumed = resumed_steps(output, ckpt_dir)
     assert resumed and resumed[0] == stopped, f"stopped at step {stopped}, resumed from {resumed}:\n{output[-3000:]}"
-    assert launches[1][0] == stopped + 1, f"the relaunch logged from step {launches[1][0]}, not {stopped + 1}"
+    steps = [json.loads(line)["step"] for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] > stopped, f"metrics.jsonl steps: {steps}"
     return stopped
 
 
