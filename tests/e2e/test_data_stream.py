@@ -14,7 +14,8 @@ STEPS = 40  # 256 samples / 16 per step = 16 steps per epoch: the run crosses tw
 def _run(ckpt_dir, ranks: int, *script_args: str):
     args = ",".join(f"'{arg}'" for arg in script_args)
     return run_launch(ckpt_dir, f"script={SCRIPT}", f"script_args=[{args}]", f"trainer.max_steps={STEPS}",
-                      f"launcher.nproc_per_node={ranks}", "checkpoint.every_steps=1000")
+                      f"launcher.nproc_per_node={ranks}", "checkpoint.every_steps=1000",
+                      "preempt.check_every=1")  # a stop requested at step N is agreed at N, whatever the speed
 
 
 def test_two_ranks_to_one_with_the_same_global_batch_keep_the_sample_stream(tmp_path):
