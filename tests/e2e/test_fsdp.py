@@ -28,7 +28,8 @@ from harness.strategy.fsdp import read_full_state
 
 FSDP_STEPS = 48  # 32 steps per epoch (2048 samples / 2 ranks / 32): the runs cross an epoch boundary
 FSDP = ("trainer.strategy=fsdp", "task.model._target_=tests.tasks.BlockMLP", f"trainer.max_steps={FSDP_STEPS}",
-        "checkpoint.every_steps=8", "trainer.log_every=8")
+        "checkpoint.every_steps=8", "trainer.log_every=8",
+        "preempt.check_every=1")  # a stop is agreed at the next step end, however fast the machine trains
 
 
 def _step_dir(ckpt_dir: Path, step: int) -> Path:
