@@ -295,8 +295,11 @@ def main() -> None:
                                       num_workers=args.workers, collate_fn=RandomMixupCutmix(
                                           args.num_classes, args.mixup_alpha, args.cutmix_alpha),
                                       seed_collate=not args.unseeded_collate)
+        # Its own generator: iter() of a DataLoader without one draws its base seed from the global
+        # RNG, so a stop agreed mid-evaluation (which skips the EMA's evaluation) would leave the
+        # training RNG one draw short of an uninterrupted run's.
         val_loader = DataLoader(val_set, batch_size=32, sampler=DistributedSampler(
-            val_set, num_replicas=world, rank=rank, shuffle=False))
+            val_set, num_replicas=world, rank=rank, shuffle=False), generator=torch.Generator())
         epochs = math.ceil(cfg.trainer.max_steps / session.steps_per_epoch)
         scheduler = make_scheduler(optimizer, args.lr_warmup_epochs, epochs, args.lr_warmup_decay)
         model_ema = ExponentialMovingAverage(model_without_ddp, decay=args.model_ema_decay)
