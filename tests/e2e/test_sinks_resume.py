@@ -26,9 +26,11 @@ def test_metrics_file_and_tensorboard_after_a_kill_between_checkpoints_hold_each
     ckpt_dir = tmp_path / "ckpt"
     launcher = start_launch(ckpt_dir, "log.tensorboard=true", log_path=tmp_path / "job.log")
     try:
-        worker_pids(launcher)
+        pids = worker_pids(launcher)
         # Step 60 written (log_every=20): past the checkpoint at 40, before the one at 80.
         wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 60, 90, "step 60")
+        for pid in pids.values():  # frozen at once: a quiet machine trains 20 steps in ~0.2 s
+            os.kill(pid, signal.SIGSTOP)
     finally:
         kill_tree(launcher)  # SIGKILL to everything: no save, no close
     killed_at, resumed_at = max(metrics(ckpt_dir)), steps_with_saves(ckpt_dir)[-1]
