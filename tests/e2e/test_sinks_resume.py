@@ -21,14 +21,24 @@ def _metrics_file_steps(ckpt_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _tensorboard_last_step(folder: Path) -> int:
+    """The last step TensorBoard finds in ``folder`` (every point, purged or not); 0 before any."""
+    try:
+        return max((step for step, _ in tensorboard_points(folder, purge=False)), default=0)
+    except KeyError:  # no "loss" point written yet
+        return 0
+
+
 def test_metrics_file_and_tensorboard_after_a_kill_between_checkpoints_hold_each_step_once(
         tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
     launcher = start_launch(ckpt_dir, "log.tensorboard=true", log_path=tmp_path / "job.log")
     try:
         pids = worker_pids(launcher)
-        # Step 60 written (log_every=20): past the checkpoint at 40, before the one at 80.
-        wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 60, 90, "step 60")
+        # Step 60 written (log_every=20) to both files: past the checkpoint at 40, before the one at 80.
+        # The reporter writes the metrics file, then TensorBoard: wait for the second too.
+        wait_for(lambda: max(metrics(ckpt_dir), default=0) >= 60
+                 and _tensorboard_last_step(ckpt_dir / "tensorboard") >= 60, 90, "step 60")
         for pid in pids.values():  # frozen at once: a quiet machine trains 20 steps in ~0.2 s
             os.kill(pid, signal.SIGSTOP)
     finally:
