@@ -25,6 +25,7 @@ from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRe
 from harness.checkpoint.errors import CheckpointError, write_hint
 from harness.checkpoint.manifest import UnusableManifest
 from harness.checkpoint.storage import Storage
+from harness.checkpoint.storage.local import fsync_dir
 
 log = logging.getLogger("harness")
 
@@ -85,14 +86,6 @@ def _checked_extra_files(written: dict[str, dict], payload_name: str) -> dict[st
         raise ValueError(f"files {bad} cannot be listed in a manifest: names must be inside the "
                          f"checkpoint folder and differ from {payload_name} and {MANIFEST_NAME}")
     return dict(written)
-
-
-def _fsync_folder(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _root_os_error(error: BaseException) -> BaseException:
@@ -158,7 +151,7 @@ class CheckpointStore:
                                   "shared filesystem folder")
         try:
             os.unlink(self.storage.local_path(manifest_path(name)))
-            _fsync_folder(os.path.dirname(folder))
+            fsync_dir(os.path.dirname(folder))
             log.warning("replacing checkpoint %s/%s of the same step", self.root, name)
         except FileNotFoundError:
             pass
@@ -175,7 +168,7 @@ class CheckpointStore:
         name = step_dir_name(step)
         folder = self.storage.local_path(f"{name}/{subfolder}")
         for path in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-            _fsync_folder(path)
+            fsync_dir(path)
 
     def _what_is_kept(self) -> str:
         """For a failed commit's message: the newest earlier checkpoint, if the folder can be listed."""

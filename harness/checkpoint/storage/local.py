@@ -100,9 +100,9 @@ class LocalStorage:
         except BaseException:
             _remove_quietly(temp)
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
         if created:  # the new folder's own entry must be durable too, or the checkpoint can vanish
-            _fsync_dir(os.path.dirname(folder))
+            fsync_dir(os.path.dirname(folder))
         return size, digest
 
     @staticmethod
@@ -152,7 +152,8 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
