@@ -99,10 +99,10 @@ def cnn_reference(tmp_path_factory) -> Path:
     return reference_run(CNN, tmp_path_factory)
 
 
-def sigterm_rank1_then_relaunch(example: Example, tmp_path: Path, *relaunch_extra: str) -> Path:
-    """SIGTERM to rank 1 once ``example.stop_after`` is done; expect 75, then relaunch to the end."""
-    ckpt_dir, log = tmp_path / "ckpt", tmp_path / "job.log"
-    launcher = start(example, ckpt_dir, log)
+def sigterm_rank1(example: Example, ckpt_dir: Path, log: Path, *extra: str) -> int:
+    """Start ``example``, SIGTERM rank 1 once ``example.stop_after`` is done; every rank stops at one
+    step, saved, exit 75. Returns that step."""
+    launcher = start(example, ckpt_dir, log, *extra)
     try:
         pids = worker_pids(launcher, timeout=120)
         wait_for(lambda: last_step(ckpt_dir) >= example.stop_after, 180, f"step {example.stop_after}")
@@ -114,6 +114,13 @@ def sigterm_rank1_then_relaunch(example: Example, tmp_path: Path, *relaunch_extr
     assert code == PREEMPTED_EXIT_CODE, log.read_text()
     stopped_at = steps_with_saves(ckpt_dir)[-1]
     assert example.stop_after <= stopped_at < example.steps, "the stop must land mid-run"
+    return stopped_at
+
+
+def sigterm_rank1_then_relaunch(example: Example, tmp_path: Path, *relaunch_extra: str) -> Path:
+    """SIGTERM to rank 1 once ``example.stop_after`` is done; expect 75, then relaunch to the end."""
+    ckpt_dir = tmp_path / "ckpt"
+    stopped_at = sigterm_rank1(example, ckpt_dir, tmp_path / "job.log")
     result = run(example, ckpt_dir, *relaunch_extra)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from {ckpt_dir}/step_{stopped_at:09d}" in result.stdout
@@ -233,18 +240,8 @@ def vision_stopped(tmp_path_factory) -> Path:
     """The first leg, shared by the tests below (each works on its own copy): 2 workers per rank,
     SIGTERM to rank 1 alone mid-run; every rank stops at one step, saved, exit 75."""
     folder = tmp_path_factory.mktemp("vision-stopped")
-    ckpt_dir, log = folder / "ckpt", folder / "job.log"
-    launcher = start(VISION, ckpt_dir, log, vision_args(2))
-    try:
-        pids = worker_pids(launcher, timeout=120)
-        wait_for(lambda: last_step(ckpt_dir) >= VISION.stop_after, 180, f"step {VISION.stop_after}")
-        os.kill(pids[1], signal.SIGTERM)
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
-    assert code == PREEMPTED_EXIT_CODE, log.read_text()
-    assert VISION.stop_after <= steps_with_saves(ckpt_dir)[-1] < VISION.steps, "the stop must land mid-run"
+    ckpt_dir = folder / "ckpt"
+    sigterm_rank1(VISION, ckpt_dir, folder / "job.log", vision_args(2))
     return ckpt_dir
 
 
