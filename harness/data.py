@@ -25,6 +25,8 @@ that accumulates while iterating:
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
 import random
 from dataclasses import dataclass
@@ -286,6 +288,86 @@ def _check_shape(size: int, batch_size: int, rank: int, world_size: int) -> None
 
 
 # ----- a user's sampler or batch sampler -----------------------------------------------------------
+DEFAULT_PREFETCH = 2  # DataLoader's prefetch_factor when workers are used and it is not given
+LOOKAHEAD_MARGIN = 4  # batch states kept beyond what the workers can hold
+# What a sampler's state may hold: what ``torch.load(weights_only=True)`` reads back.
+PLAIN_TYPES = (type(None), bool, int, float, str, bytes, torch.Tensor)
+
+
+def _set_epoch(sampler: Sampler, epoch: int) -> None:
+    if callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(epoch)
+
+
+def _is_stateful(sampler: Sampler) -> bool:
+    return callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None))
+
+
+def _check_plain(value: Any, owner: str) -> None:
+    """TypeError unless ``value`` is plain data that a checkpoint can be loaded back safely with."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, owner)
+            _check_plain(item, owner)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_plain(item, owner)
+    elif not isinstance(value, PLAIN_TYPES):
+        raise TypeError(f"{owner}() holds a {type(value).__name__}: a checkpoint keeps only plain data "
+                        "(dicts, lists, numbers, strings, tensors) so that it loads with weights_only=True; "
+                        "return e.g. a generator's get_state() instead of the generator")
+
+
+class OwnState:
+    """A user's sampler with ``state_dict()/load_state_dict()``, resumed from its own state.
+
+    The protocol is torchdata's (``Stateful``, e.g. its StatefulDistributedSampler): ``state_dict()``
+    may be taken between any two indices, and ``load_state_dict(state)`` then ``iter()`` yields from
+    where it was taken. The state is taken each time a batch's indices are drawn (``take``), kept for
+    the last ``lookahead`` batches (DataLoader workers draw ahead of the step being trained), and
+    each rank saves the one at the trained position. Resuming calls ``set_epoch`` of the saved epoch,
+    loads the state, and lets the sampler continue by itself. A resume that lands on the next epoch
+    first iterates the saved epoch to the sampler's end, so that its state moves on as in the
+    uninterrupted run: exact when the state moves by ``set_epoch``, ``iter()`` and the indices the
+    epoch uses (torchdata's sampler; one reshuffling from its own generator at each ``iter()``), not
+    for one that draws from a generator per index past those ``drop_last`` leaves out. A sampler
+    without the protocol is resumed by ``set_epoch`` and a skip (``begin`` returns False).
+    """
+
+    def __init__(self, sampler: Sampler, lookahead: int):
+        self.sampler, self.stateful = sampler, _is_stateful(sampler)
+        self.taken: collections.deque = collections.deque(maxlen=lookahead)  # {"epoch", "batch", "state"}
+        self.pending: Optional[dict] = None  # a saved entry, loaded when its epoch begins
+
+    def begin(self, epoch: int, batch: int, draw_rest: Callable[[], None]) -> bool:
+        """Prepare to draw epoch ``epoch`` from batch ``batch``: True when the sampler was set to that
+        position from its saved state (it then skips by itself), False when the caller must skip.
+        ``draw_rest()`` iterates the sampler to its end, dropping what it yields."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending["epoch"] in (epoch, epoch - 1):
+            _set_epoch(self.sampler, pending["epoch"])
+            self.sampler.load_state_dict(copy.deepcopy(pending["state"]))
+            if (pending["epoch"], pending["batch"]) == (epoch, batch):
+                self.taken.append(pending)
+                return True
+            if pending["epoch"] == epoch - 1:
+                draw_rest()
+            # Else the position moved (another batch size): the stream starts the epoch afresh and
+            # skips by samples, as a sampler without state does.
+        _set_epoch(self.sampler, epoch)
+        return False
+
+    def take(self, epoch: int, batch: int) -> None:
+        """The sampler's state once the indices before batch ``batch`` of epoch ``epoch`` are drawn."""
+        if self.stateful:
+            state = copy.deepcopy(self.sampler.state_dict())
+            _check_plain(state, f"{type(self.sampler).__name__}.state_dict")
+            self.taken.append({"epoch": epoch, "batch": batch, "state": state})
+
+    def at(self, epoch: int, batch: int) -> Optional[dict]:
+        return next((entry for entry in reversed(self.taken) if (entry["epoch"], entry["batch"]) == (epoch, batch)), None)
+
+
 class UserSampler(Sampler[SampleKey]):
     """A user's sampler (this rank's indices, DistributedSampler's contract), made positionable.
 
@@ -299,7 +381,7 @@ class UserSampler(Sampler[SampleKey]):
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, rank: int, world_size: int, seed: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, lookahead: int = 4):
         if not hasattr(sampler, "__len__"):
             raise TypeError(f"sampler {type(sampler).__name__} has no __len__: the harness needs the "
                             "epoch's length to count steps and to position a resume")
@@ -308,6 +390,7 @@ class UserSampler(Sampler[SampleKey]):
         self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
         self.drop_last = drop_last
         self.seed, self.epoch, self.start_batch = seed, 0, 0
+        self.own_state = OwnState(sampler, lookahead)
         if self.steps < 1:
             raise ValueError(f"sampler {type(sampler).__name__} yields {len(sampler)} indices per epoch, "
                              f"fewer than batch_size={batch_size} with drop_last=True")
@@ -334,11 +417,16 @@ class UserSampler(Sampler[SampleKey]):
 
     def __iter__(self) -> Iterator[SampleKey]:
         seed, epoch, first, stop = self.seed, self.epoch, self.start_batch * self.batch_size, self.epoch_samples
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
-        indices = itertools.islice(iter(self.sampler), first, stop)  # the skip: index draws only
-        for chunk_start in range(first, stop, POSITIONS_PER_CHUNK):
-            chunk = list(itertools.islice(indices, POSITIONS_PER_CHUNK))
+        resumed = self.own_state.begin(epoch, self.start_batch, lambda: _drop(iter(self.sampler)))
+        indices = iter(self.sampler)
+        if not resumed:
+            indices = itertools.islice(indices, first, None)  # the skip: index draws only
+        indices = itertools.islice(indices, stop - first)
+        # A stateful sampler's state is taken per batch, so its indices are drawn a batch at a time.
+        per_chunk = self.batch_size if self.own_state.stateful else POSITIONS_PER_CHUNK
+        for chunk_start in range(first, stop, per_chunk):
+            chunk = list(itertools.islice(indices, per_chunk))
+            self.own_state.take(epoch, chunk_start // self.batch_size + 1)
             positions = np.arange(chunk_start, chunk_start + len(chunk), dtype=np.uint64)
             seeds = sample_seeds(seed, epoch, positions * np.uint64(self.world_size) + np.uint64(self.rank))
             yield from map(SampleKey, chunk, seeds.tolist())
@@ -352,12 +440,13 @@ class UserBatchSampler(Sampler[list]):
     ``set_epoch(e)`` when it has it, then ``b`` batches drawn and dropped. Sample ``j`` of batch ``k``
     is seeded from the global position ``(k * world_size + rank) * 2**32 + j``."""
 
-    def __init__(self, batch_sampler: Sampler, rank: int, world_size: int, seed: int):
+    def __init__(self, batch_sampler: Sampler, rank: int, world_size: int, seed: int, lookahead: int = 4):
         if not hasattr(batch_sampler, "__len__"):
             raise TypeError(f"batch_sampler {type(batch_sampler).__name__} has no __len__: the harness "
                             "needs the epoch's length to count steps and to position a resume")
         self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
         self.seed, self.epoch, self.start_batch = seed, 0, 0
+        self.own_state = OwnState(batch_sampler, lookahead)
 
     @property
     def steps(self) -> int:
@@ -376,16 +465,23 @@ class UserBatchSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         seed, epoch = self.seed, self.epoch
-        if callable(getattr(self.batch_sampler, "set_epoch", None)):
-            self.batch_sampler.set_epoch(epoch)
-        batches = itertools.islice(iter(self.batch_sampler), self.start_batch, None)
+        resumed = self.own_state.begin(epoch, self.start_batch, lambda: _drop(iter(self.batch_sampler)))
+        batches = iter(self.batch_sampler)
+        if not resumed:
+            batches = itertools.islice(batches, self.start_batch, None)
         for number, batch in enumerate(batches, start=self.start_batch):
+            self.own_state.take(epoch, number + 1)
             first = np.uint64(number * self.world_size + self.rank) << np.uint64(32)
             seeds = sample_seeds(seed, epoch, first + np.arange(len(batch), dtype=np.uint64))
             yield list(map(SampleKey, batch, seeds.tolist()))
 
     def __len__(self) -> int:
         return self.steps
+
+
+def _drop(iterator: Iterator[Any]) -> None:
+    for _ in iterator:
+        pass
 
 
 # ----- per-sample seeding -------------------------------------------------------------------------
@@ -509,20 +605,28 @@ def make_loader(dataset: Dataset, batch_size: Optional[int], rank: int, world_si
                                    worker_init_fn=ChainedWorkerInit(worker_init_fn),
                                    generator=torch.Generator().manual_seed(loader_seed(seed, 0, rank)), **passed)
     wrapped = SeededSamples(dataset, seed_samples)
+    lookahead = _lookahead(num_workers, passed.get("prefetch_factor"))
     if batch_sampler is not None:
-        positioned = UserBatchSampler(batch_sampler, rank=rank, world_size=world_size, seed=seed)
+        positioned = UserBatchSampler(batch_sampler, rank=rank, world_size=world_size, seed=seed,
+                                      lookahead=lookahead)
         return DataLoader(wrapped, batch_sampler=positioned, **options)
     if batch_size is None:
         raise ValueError("batch_size=None (no batching) is not supported: the harness counts steps in "
                          "batches; pass batch_size or a batch_sampler")
     if sampler is not None:
         positioned = UserSampler(sampler, batch_size, rank=rank, world_size=world_size, seed=seed,
-                                 drop_last=drop_last)
+                                 drop_last=drop_last, lookahead=lookahead)
     else:
         positioned = ResumableSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size,
                                       seed=seed, shuffle=True if shuffle is None else shuffle,
                                       replacement=replacement, drop_last=drop_last)
     return DataLoader(wrapped, batch_size=batch_size, sampler=positioned, drop_last=drop_last, **options)
+
+
+def _lookahead(num_workers: int, prefetch_factor: Optional[int]) -> int:
+    """Batches a DataLoader's sampler may be drawn ahead of the batch being trained: each worker holds
+    ``prefetch_factor`` (default 2) batches, plus the one in hand; kept with a margin."""
+    return num_workers * (prefetch_factor or DEFAULT_PREFETCH) + LOOKAHEAD_MARGIN
 
 
 def _refuse_unkeepable(dataset: Dataset, passed: dict, in_order: bool, generator: Any) -> None:
@@ -607,6 +711,27 @@ def global_batch_size(loader: DataLoader) -> int:
     """Samples per optimizer step over all ranks (``world_size * batch_size``); with a user's batch
     sampler, batches (``world_size``): its batches may vary in size."""
     return _sampler_of(loader).global_batch
+
+
+def sampler_state(loader: Optional[DataLoader], epoch: int, batch_in_epoch: int) -> Optional[dict]:
+    """This rank's user sampler's own state at batch ``batch_in_epoch`` of epoch ``epoch`` (see
+    ``OwnState``), or None: no user sampler, one without ``state_dict()``, or no such batch drawn."""
+    positioner = None if loader is None else _positioner_or_none(loader)
+    if positioner is None or isinstance(positioner, ResumableSampler):
+        return None
+    return positioner.own_state.at(epoch, batch_in_epoch)
+
+
+def load_sampler_state(loader: DataLoader, saved: dict) -> None:
+    """Resume ``loader``'s user sampler from ``saved`` (``sampler_state`` of a saved run, this rank)
+    when the epoch it was taken in begins. TypeError for a loader without a user sampler with
+    ``load_state_dict()``: the state was saved from one, so the script's data code has changed."""
+    positioner = _positioner_or_none(loader)
+    if positioner is None or isinstance(positioner, ResumableSampler) or not positioner.own_state.stateful:
+        raise TypeError("the checkpoint holds the state of a sampler with state_dict()/load_state_dict(), "
+                        "but this loader has no such sampler: pass the same sampler= as the run that "
+                        "saved it, or start a new run folder")
+    positioner.own_state.pending = saved
 
 
 def position_loader(loader: DataLoader, seed: int, epoch: int, batch_in_epoch: int) -> None:

@@ -290,6 +290,9 @@ class Session:
         self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
         self._own_sampler = data_mod.uses_own_sampler(loader)  # its stream cannot survive a resize
         self.start()
+        if self.checkpoints.pending_sampler is not None:
+            data_mod.load_sampler_state(loader, self.checkpoints.pending_sampler)
+            self.checkpoints.pending_sampler = None
         per_epoch = data_mod.steps_per_epoch(loader) // accumulate * accumulate
         if per_epoch == 0:
             raise ValueError(f"an epoch has {data_mod.steps_per_epoch(loader)} batches per rank, fewer "
@@ -504,7 +507,8 @@ class Session:
         if self._reporter is not None:
             self._reporter.flush()  # the metrics file holds every step the checkpoint holds
         metric = self._best_metric()
-        self.checkpoints.save(None if metric is None else float(metric))
+        self.checkpoints.save(None if metric is None else float(metric), data_mod.sampler_state(
+            self._loader, self.progress.epoch, self.progress.batch_in_epoch))
 
     def _best_metric(self) -> Optional[float]:
         """The value of ``checkpoint.best_metric`` for the step being saved: logged since that step

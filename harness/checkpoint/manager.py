@@ -26,7 +26,7 @@ from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
                                        SHARDS_DIR, CheckpointRef, step_dir_name, step_of)
-from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_STATE, MODEL, Progress,
+from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
 from harness.checkpoint.storage import open_storage
@@ -81,6 +81,7 @@ class CheckpointManager:
         self.last_saved_step: Optional[int] = None
         self.resumed_from: Optional[CheckpointRef] = None
         self.pending_rng: Optional[dict] = None  # this rank's RNG, restored once the loader is positioned
+        self.pending_sampler: Optional[dict] = None  # this rank's user sampler as its epoch began
         self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
         self._lock_fd: Optional[int] = None  # rank 0's lock on the run folder
 
@@ -282,6 +283,9 @@ class CheckpointManager:
             raise error
         self.progress.load_state_dict(payload[KEY_PROGRESS])
         self._remap(payload[KEY_RNG], data_unit, own_sampler)
+        samplers = payload.get(KEY_SAMPLERS) or []
+        if len(samplers) == self.env.world_size:  # on another world size each rank draws another share
+            self.pending_sampler = samplers[self.env.rank]
         self.last_saved_step = self.progress.step
         self.resumed_from = ref
         self._warn_config_changes(payload.get(KEY_CONFIG) or {})
@@ -402,18 +406,21 @@ class CheckpointManager:
         self.say(f"initialised {len(loadable)} tensors from {path}\n{report.format()}")
 
     # ----- save -----------------------------------------------------------------------------------
-    def save(self, metric: Optional[float]) -> None:
+    def save(self, metric: Optional[float], sampler_state: Optional[dict] = None) -> None:
         """Save the current state as step ``progress.step`` (rank 0 writes; others wait for it).
 
         ``metric`` is the value of ``checkpoint.best_metric`` measured at this step, or None.
+        ``sampler_state``: this rank's user sampler as the epoch began (``data.sampler_state``).
         """
         if self.last_saved_step == self.progress.step:
             return
-        rng_per_rank = self._gather_rng()
+        per_rank = self._gather((capture_rng(), sampler_state))
+        rng_per_rank, samplers_per_rank = [rng for rng, _ in per_rank], [state for _, state in per_rank]
         written = self._save_shards() if self._sharded else None
 
         def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
-            payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data)
+            payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data,
+                                    samplers_per_rank)
             info = versions() | {"world_size": self.env.world_size, "metric": metric}
             if written is not None:
                 info |= {INFO_STRATEGY: self.strategy.name, INFO_SHARDED: SHARDS_DIR}
@@ -473,7 +480,4 @@ class CheckpointManager:
         if self.writer is not None:
             self.writer.flush()
             self.store.storage.flush()
-
-    def _gather_rng(self) -> list:
-        return self._gather(capture_rng())
 

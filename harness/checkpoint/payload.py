@@ -25,6 +25,7 @@ PAYLOAD_VERSION = 1
 KEY_STATE = "state"  # {registered name: state_dict}
 KEY_PROGRESS = "progress"
 KEY_RNG = "rng"  # list indexed by rank
+KEY_SAMPLERS = "samplers"  # list indexed by rank: a user's stateful sampler as its epoch began, or None
 KEY_CONFIG = "config"
 KEY_META = "meta"
 MODEL = "model"  # the registered name the built-in loop gives its model
@@ -180,13 +181,15 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: dict) -> dict:
+def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: dict,
+                  samplers_per_rank: Optional[list] = None) -> dict:
     return {
         "format": PAYLOAD_FORMAT,
         "format_version": PAYLOAD_VERSION,
         KEY_STATE: states,
         KEY_PROGRESS: progress.state_dict(),
         KEY_RNG: rng_per_rank,
+        KEY_SAMPLERS: samplers_per_rank or [None] * len(rng_per_rank),
         KEY_CONFIG: config,
         KEY_META: versions() | {"world_size": len(rng_per_rank)},
     }

@@ -207,3 +207,86 @@ def test_without_collate_seeds_a_change_of_num_workers_changes_the_batches(tmp_p
     assert [row["step"] for row in legs] == list(range(24))
     assert all(torch.equal(mine["data"], theirs["data"]) for mine, theirs in zip(legs[:7], reference[:7]))
     assert not all(torch.equal(mine["data"], theirs["data"]) for mine, theirs in zip(legs[7:], reference[7:]))
+
+
+class ReshufflingSampler(torch.utils.data.Sampler):
+    """A stateful sampler whose order is NOT a function of the epoch: every ``iter()`` draws a new
+    permutation from its own generator, which carries on from epoch to epoch (as RandomSampler with a
+    generator does). Its state follows torchdata's protocol (``load_state_dict`` then ``iter()``
+    continues where ``state_dict()`` was taken), so only that state can resume it."""
+
+    def __init__(self, size: int, stateful: bool = True):
+        self.size, self.generator = size, torch.Generator().manual_seed(1234)
+        self.epoch_start, self.yielded, self.resume_at = self.generator.get_state(), 0, 0
+        if not stateful:  # the control: the same sampler without the state protocol
+            self.state_dict = self.load_state_dict = None
+
+    def state_dict(self) -> dict:
+        return {"epoch_start": self.epoch_start, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_start"])
+        self.resume_at = state["yielded"]
+
+    def __iter__(self):
+        self.epoch_start = self.generator.get_state()
+        order = torch.randperm(self.size, generator=self.generator).tolist()
+        self.yielded, self.resume_at = self.resume_at, 0
+        for index in order[self.yielded:]:
+            self.yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _generator_sampled(stateful: bool, workers: int):
+    return lambda s: s.loader(DATA, batch_size=4, sampler=ReshufflingSampler(len(DATA), stateful),
+                              num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [25, 30], ids=["mid_epoch_2", "epoch_boundary"])
+def test_a_stateful_sampler_resumes_from_its_own_state(tmp_path, stop_at, workers):
+    # 42 samples in batches of 4: 10 steps per epoch, so step 25 is mid-epoch 2 and step 30 ends it.
+    reference, resumed = interrupted(tmp_path, _generator_sampled(True, workers), max_steps=37, stop_at=stop_at)
+    assert_same_steps(resumed, reference)
+    epochs = [list(int(i) for row in reference[e * 10:(e + 1) * 10] for i in row["data"][:, 0]) for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2], "each epoch draws another order from the sampler's own state"
+
+
+def test_without_its_state_a_stateful_sampler_does_not_resume_exactly(tmp_path):
+    """The control for the test above: set_epoch and a skip cannot rebuild such a sampler's order."""
+    reference, resumed = interrupted(tmp_path, _generator_sampled(False, 0), max_steps=37, stop_at=25)
+    offset = len(reference) - len(resumed)
+    assert not all(torch.equal(mine["data"], theirs["data"]) for mine, theirs in zip(resumed, reference[offset:]))
+
+
+class OpaqueStateSampler(ReshufflingSampler):
+    def state_dict(self) -> dict:
+        return {"generator": self.generator}  # not plain data: weights_only loading would refuse it
+
+
+def test_a_sampler_state_that_cannot_be_loaded_safely_is_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match="OpaqueStateSampler.state_dict.*Generator"):
+        run(tmp_path / "run", lambda s: s.loader(DATA, batch_size=4, sampler=OpaqueStateSampler(len(DATA))),
+            max_steps=3)
+
+
+def _torchdata_sampled(workers: int):
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    return lambda s: s.loader(DATA, batch_size=4, num_workers=workers, collate_fn=noisy_collate,
+                              sampler=StatefulDistributedSampler(DATA, num_replicas=1, rank=0, seed=3))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [25, 30], ids=["mid_epoch_2", "epoch_boundary"])
+def test_torchdatas_stateful_distributed_sampler_resumes_from_its_own_state(tmp_path, stop_at, workers):
+    reference, resumed = interrupted(tmp_path, _torchdata_sampled(workers), max_steps=37, stop_at=stop_at)
+    assert_same_steps(resumed, reference)
+    from harness.checkpoint.format import read_payload
+
+    saved = read_payload(str(tmp_path / "run" / "step_000000037" / "state.safetensors"))["samplers"]
+    assert saved == [{"epoch": 3, "batch": 7, "state": {"yielded": 28}}], \
+        "the sampler's own state at the trained position, not where the workers had drawn to"
