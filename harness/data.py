@@ -374,10 +374,11 @@ class UserSampler(Sampler[SampleKey]):
     Epoch ``e`` from batch ``b``: ``set_epoch(e)`` when the sampler has it, then the first
     ``b * batch_size`` indices are drawn and dropped (index draws only, no sample is loaded); each
     key's seed hashes the global position ``local * world_size + rank`` as ``ResumableSampler``'s.
-    Exact when the sampler's order is a function of ``set_epoch`` (or fixed), as DistributedSampler,
-    torchvision's RASampler and torchdata's StatefulDistributedSampler are (the latter's own
-    position is not needed: a fresh ``iter()`` after ``set_epoch`` starts at the epoch's first index).
-    Raises TypeError for a sampler without ``__len__`` (the epoch's length sizes steps and skips).
+    Exact when the sampler's order is a function of ``set_epoch`` (or fixed), as DistributedSampler
+    and torchvision's RASampler are. A sampler with ``state_dict()/load_state_dict()`` (torchdata's
+    StatefulDistributedSampler) is resumed from its own state instead, which skips by itself
+    (``OwnState``); its indices are then drawn a batch at a time. ``lookahead``: batches the
+    DataLoader may draw ahead of the one trained (``_lookahead``). Raises TypeError for a sampler without ``__len__`` (the epoch's length sizes steps and skips).
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, rank: int, world_size: int, seed: int,
