@@ -178,6 +178,30 @@ def measure_collate_end_to_end(workers: int, reps: int) -> dict:
             "cost_us": summary([value - statistics.median(off) for value in on])}
 
 
+def _sample_seeding_loader(dataset: Dataset, seeded: bool, per_batch: bool) -> DataLoader:
+    loader = data_mod.make_loader(dataset, BATCH, rank=0, world_size=1, seed=0, seed_samples=seeded)
+    if not per_batch:  # DataLoader then fetches sample by sample: the RNG kept around each one
+        loader.dataset.__getitems__ = None
+    return loader
+
+
+def measure_sample_seeding(reps: int) -> dict:
+    """Per-sample seeding in the main process (``num_workers=0``), per batch: the training RNG kept
+    once around the batch (``SeededSamples.__getitems__``) against once around every sample."""
+    dataset = Indices((LOADER_BATCHES + 8) * BATCH)
+    loaders = {"per_batch": _sample_seeding_loader(dataset, True, per_batch=True),
+               "per_sample": _sample_seeding_loader(dataset, True, per_batch=False),
+               "unseeded": _sample_seeding_loader(dataset, False, per_batch=True)}
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(reps):  # interleaved, so drift of the machine hits all alike
+        for name, loader in loaders.items():
+            times[name].append(_loader_batch_us(loader, LOADER_BATCHES))
+    unseeded = statistics.median(times["unseeded"])
+    return {"unseeded_batch_us": summary(times["unseeded"]),
+            "cost_rng_kept_per_batch_us": summary([value - unseeded for value in times["per_batch"]]),
+            "cost_rng_kept_per_sample_us": summary([value - unseeded for value in times["per_sample"]])}
+
+
 # ----- the keyed permutation, now and before ------------------------------------------------------
 def load_baseline(commit: str) -> Optional[ModuleType]:
     """harness/data.py as of ``commit``, imported under another name; None when git cannot show it."""
@@ -243,6 +267,8 @@ def run(position: int, reps: int, baseline_commit: str) -> dict:
     for workers in (0, 2):
         say(f"collate seeding, end to end, {workers} workers ...")
         report[f"collate_loader_{workers}_workers"] = measure_collate_end_to_end(workers, reps)
+    say("sample seeding, main process ...")
+    report["sample_seeding_0_workers"] = measure_sample_seeding(reps)
     say("the keyed permutation, now ...")
     report["keyed_now"] = measure_keyed(data_mod, position, reps)
     baseline = load_baseline(baseline_commit)

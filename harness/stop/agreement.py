@@ -36,10 +36,10 @@ def agree(flag: StopFlag, device: torch.device, proposed_interval: int = 1) -> t
 
     Returns the agreed reason (non-zero on every rank if any rank wants to stop) and the agreed
     interval (rank 0 proposes it, the others send 0), so every rank calls the next agreement at the
-    same step.
+    same step. A single process has nobody to agree with: it reads its flag at every step's end.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return flag.reason, proposed_interval
+        return flag.reason, 1
     tensor = torch.tensor([flag.reason, proposed_interval], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     reason, interval = tensor.tolist()

@@ -34,8 +34,9 @@ def run(ckpt_dir: Path, make_loader: Callable[[Session], object], max_steps: int
         stop_at: Optional[int] = None, accumulate: int = 1, seen: Optional[list] = None) -> list[dict]:
     """Train a tiny model; return per step what the loop saw (also appended to ``seen``).
     ``stop_at``: request a stop in that step (the run then raises Preempted after saving it)."""
+    # check_every=1: a stop requested in a step is agreed at its end, however fast the machine runs
     cfg = validate({"trainer": {"max_steps": max_steps, "seed": 5, "num_threads": 1},
-                    "checkpoint": {"dir": str(ckpt_dir), "every_steps": 1000}})
+                    "checkpoint": {"dir": str(ckpt_dir), "every_steps": 1000}, "preempt": {"check_every": 1}})
     seen = [] if seen is None else seen
     with Session(cfg, env=SINGLE) as session:
         model = session.prepare(torch.nn.Linear(2, 1))
