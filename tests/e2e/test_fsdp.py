@@ -96,6 +96,26 @@ def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_refer
     _assert_same_training(ckpt_dir, fsdp_reference)
 
 
+THREE_RANKS = (*FSDP, "launcher.nproc_per_node=3", "task.batch_size=16")
+
+
+def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(tmp_path_factory, tmp_path):
+    """Uneven shards (128 rows over 3 ranks: 43, 43, 42) and 3 RNG streams, stopped by SIGTERM to
+    rank 2 alone, end where an uninterrupted 3-rank run ends (the control pair above shows the
+    comparison can fail)."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[2], signal.SIGTERM),
+                                        *THREE_RANKS, after_step=12, nproc=3)
+    assert code == 75, output
+    stopped = steps_with_saves(ckpt_dir)[-1]
+    assert 12 <= stopped < FSDP_STEPS, output
+    result = run_launch(ckpt_dir, *THREE_RANKS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
+    assert len(_final_state(ckpt_dir)[1]["rng"]) == 3
+    _assert_same_training(ckpt_dir, reference)
+
+
 def _rewrite_shards(step_dir: Path, change) -> None:
     """Replace a checkpoint's shards by ``change(full state)`` written by one process (so the resume
     also reshards 1 -> 2 files), and record the new files in the manifest, as a tampering user would."""
