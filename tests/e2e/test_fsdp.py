@@ -84,6 +84,27 @@ def test_ckpt_inspect_and_export_read_the_full_tensors_of_the_shards(fsdp_refere
     assert_tensors_equal(torch.load(out, weights_only=True), full["model"], "exported")
 
 
+@pytest.mark.parametrize("fmt, dtype", [("torch", "bf16"), ("safetensors", None), ("safetensors", "fp16")])
+def test_streamed_export_of_the_shards_writes_the_full_weights(fsdp_reference, tmp_path, fmt, dtype):
+    """``export`` of a sharded checkpoint streams one full tensor at a time into the file (torch or
+    safetensors, cast or not); what it writes equals the full tensors read at once, and the
+    ``.sha256`` line matches the file."""
+    import hashlib
+
+    full = {key: tensor.to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype])) if dtype else tensor
+            for key, tensor in _final_state(fsdp_reference)[0]["model"].items()}
+    out = tmp_path / f"weights.{fmt}"
+    assert ckpt_main(["export", str(fsdp_reference), str(out), "--format", fmt,
+                      *(["--dtype", dtype] if dtype else [])]) == 0
+    if fmt == "torch":
+        exported = torch.load(out, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+        exported = load_file(str(out))
+    assert_tensors_equal(exported, full, "exported")
+    assert (tmp_path / f"weights.{fmt}.sha256").read_text().split()[0] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
 def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_reference):
     ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
                                         *FSDP, after_step=12)
