@@ -135,7 +135,7 @@ def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
 def sharded_groups(located: Located) -> dict[str, Any]:
     """The groups a sharded checkpoint (trainer.strategy=fsdp) keeps in its ``shards/`` folder (model,
     optimizer), unsharded from DCP's files; {} for other checkpoints. Reads the whole state into
-    this process's memory (a streaming, tensor-by-tensor reader is not written yet)."""
+    this process's memory (for inspect and diff; export streams: harness.tools.sharded_export)."""
     if located.ref is None or located.ref.manifest.get(INFO_SHARDED) != SHARDS_DIR:
         return {}
     from harness.strategy.fsdp import read_full_state  # torch.distributed.checkpoint: only when needed
@@ -378,9 +378,12 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
     encode = _safetensors_encoder() if fmt == "safetensors" else None
     if os.path.isdir(out):
         raise ToolError(f"{out}: is a folder; give the output file name, e.g. {out.rstrip('/')}/model.pt")
-    weights = exportable_weights(path, dtype, unsafe)
     storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
     name = os.path.basename(out)
+    located = locate(path)
+    if located.ref is not None and located.ref.manifest.get(INFO_SHARDED) == SHARDS_DIR:
+        return _export_sharded(located, out, dtype, fmt, storage)
+    weights = exportable_weights(path, dtype, unsafe)
     data = encode(weights) if encode is not None else None
 
     def fill(handle) -> None:
@@ -395,6 +398,21 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
         line = f"{sha256}  {name}\n".encode()
         storage.write(name + SHA256_SUFFIX, lambda handle: handle.write(line))
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        raise ToolError(f"cannot write {out}: {error}. HINT: check that {storage.root} exists, is "
+                        "writable and has free space") from None
+    return sha256
+
+
+def _export_sharded(located: Located, out: str, dtype: Optional[str], fmt: str, storage: LocalStorage) -> str:
+    """A sharded checkpoint's model, streamed tensor by tensor (harness.tools.sharded_export)."""
+    from harness.tools.sharded_export import export  # torch.distributed.checkpoint: only when needed
+
+    folder = os.path.join(located.store.root, located.ref.name, SHARDS_DIR)
+    try:
+        sha256 = export(folder, MODEL, out, fmt, EXPORT_DTYPES[dtype] if dtype else None)
+        line = f"{sha256}  {os.path.basename(out)}\n".encode()
+        storage.write(os.path.basename(out) + SHA256_SUFFIX, lambda handle: handle.write(line))
+    except OSError as error:
         raise ToolError(f"cannot write {out}: {error}. HINT: check that {storage.root} exists, is "
                         "writable and has free space") from None
     return sha256

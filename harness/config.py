@@ -285,9 +285,7 @@ class HarnessConfig:
                        (bool(ckpt.staging_dir), "checkpoint.staging_dir", "drop it and point checkpoint.dir "
                         "at a folder every rank can write"),
                        ("://" in ckpt.dir and not ckpt.dir.startswith("file://"), f"checkpoint.dir={ckpt.dir}",
-                        "use a local or shared filesystem path"),
-                       (bool(ckpt.init_from), "checkpoint.init_from", "drop it (init_from loads into "
-                        "an unsharded model; use trainer.strategy=ddp for that run)")]
+                        "use a local or shared filesystem path")]
         for used, key, fix in unsupported:
             if used:
                 raise ConfigError(f"{key} is not supported with trainer.strategy=fsdp yet: HINT: {fix}")

@@ -256,14 +256,16 @@ def reference(tmp_path_factory) -> Path:
 
 
 def signal_job(tmp_path: Path, send: Callable, *overrides: str, after_step: int = 20,
-               timeout: float = 120) -> tuple[Path, str, int]:
-    """Start a job in ``tmp_path/ckpt``, let it pass ``after_step`` (0: do not wait for training),
-    call ``send(launcher, {rank: pid})``, wait for it to end: (checkpoint dir, its output, exit code)."""
+               timeout: float = 120, nproc: int = 2) -> tuple[Path, str, int]:
+    """Start a job of ``nproc`` ranks in ``tmp_path/ckpt`` (``overrides`` must set
+    launcher.nproc_per_node when it is not 2), let it pass ``after_step`` (0: do not wait for
+    training), call ``send(launcher, {rank: pid})``, wait for it to end: (checkpoint dir, its
+    output, exit code)."""
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
     launcher = start_launch(ckpt_dir, *overrides, log_path=log)
     try:
-        pids = worker_pids(launcher)
+        pids = worker_pids(launcher, nproc)
         if after_step:
             wait_for(lambda: max(metrics(ckpt_dir), default=0) >= after_step, 90, f"step {after_step}")
         send(launcher, pids)

@@ -54,6 +54,21 @@ OWN_SAMPLER_STREAM = (
     "the sampler deals one epoch order round-robin to the ranks (as DistributedSampler and RASampler do) "
     "and the dataset splits evenly among them; otherwise samples of this epoch may be trained on twice "
     "or skipped ({position})")
+DCP_METADATA = ".metadata"  # the file that makes a folder a torch.distributed.checkpoint
+# Said when a run resumes a checkpoint of the other strategy (ddp <-> fsdp).
+STRATEGY_CHANGED = (
+    "checkpoint was written with trainer.strategy={saved}, this run uses trainer.strategy={now}: model, "
+    "optimizer, scheduler, data position and RNG carry over exactly (the shards are converted); training "
+    "then follows {now}, whose gradient reductions may differ from {saved}'s in floating-point order")
+
+
+def sharded_folder(path: str) -> Optional[str]:
+    """The DCP folder of a sharded checkpoint that ``path`` names (the folder itself, its step
+    folder, or the step folder's payload file); None for anything else."""
+    for folder in (path, os.path.join(path, SHARDS_DIR), os.path.join(os.path.dirname(path), SHARDS_DIR)):
+        if os.path.isfile(os.path.join(folder, DCP_METADATA)):
+            return folder
+    return None
 
 
 class CheckpointManager:
@@ -64,6 +79,10 @@ class CheckpointManager:
         """``strategy``: the run's harness.strategy; a sharded one saves and restores the state it
         adopted (model, optimizers) through its own files, and the payload holds the rest."""
         self.cfg = cfg
+        if strategy is None:
+            from harness.strategy.ddp import DDPStrategy
+
+            strategy = DDPStrategy(env)
         self.strategy = strategy
         self.ckpt: CheckpointConfig = cfg.checkpoint
         self.env = env
@@ -267,18 +286,24 @@ class CheckpointManager:
 
     def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int], own_sampler: bool) -> None:
         started = time.perf_counter()
+        written_by, sharded = self._layout(ref)  # from the manifest: the same on every rank
+        in_shards: dict = {}
         error = None
         try:
-            self._check_strategy(ref)
-            self.registry.load_state_dict(payload[KEY_STATE])
+            saved = payload[KEY_STATE]
+            if sharded and not self.strategy.sharded:  # fsdp -> ddp: the model and optimizers are in the shards
+                in_shards = {name: self.registry.get(name) for name in self.registry.names if name not in saved}
+            self.registry.load_state_dict(saved, elsewhere=in_shards, adopted=self.strategy.adopted_names)
+            if self.strategy.sharded and not sharded:
+                self.strategy.load_full(saved)  # ddp -> fsdp: each rank keeps its slice of the full tensors
             own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
         except Exception as exc:
             error = exc
-        if self._sharded:
+        if sharded:
             # Agreed first: a rank that failed above must not leave the others in DCP's collectives.
             raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
             # Every rank reads the shards it needs, resharded to this world size (a collective).
-            self.strategy.load(self.store.storage.local_path(f"{ref.name}/{SHARDS_DIR}"))
+            self.strategy.load(self.store.storage.local_path(f"{ref.name}/{SHARDS_DIR}"), in_shards)
         elif error is not None:
             raise error
         self.progress.load_state_dict(payload[KEY_PROGRESS])
@@ -289,6 +314,8 @@ class CheckpointManager:
         self.last_saved_step = self.progress.step
         self.resumed_from = ref
         self._warn_config_changes(payload.get(KEY_CONFIG) or {})
+        if written_by != self.strategy.name:
+            self.say(STRATEGY_CHANGED.format(saved=written_by, now=self.strategy.name))
         self.say(f"resumed from {self.store.root}/{ref.name} at step {self.progress.step} "
                  f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch}) "
                  f"in {time.perf_counter() - started:.2f}s; restart #{self.env.restart_count}")
@@ -297,25 +324,15 @@ class CheckpointManager:
         if warning:
             self.say("WARNING: " + warning)
 
-    @property
-    def _sharded(self) -> bool:
-        return self.strategy is not None and self.strategy.sharded
-
-    def _check_strategy(self, ref: CheckpointRef) -> None:
-        """A sharded checkpoint needs a sharded strategy to load it, and the reverse (converting
-        between them is not done yet). Every rank sees the same manifest, so all raise together."""
-        written_by = ref.manifest.get(INFO_STRATEGY, "ddp")
+    def _layout(self, ref: CheckpointRef) -> tuple[str, bool]:
+        """(the strategy that wrote ``ref``, whether it keeps state in a shard folder), from its
+        manifest. Raises CheckpointError for a shard folder other than ``shards`` (a name taken
+        from a file never becomes a path)."""
         shards = ref.manifest.get(INFO_SHARDED)
-        if shards is not None and shards != SHARDS_DIR:  # never a path taken from a file
+        if shards is not None and shards != SHARDS_DIR:
             raise CheckpointError(f"{self.store.root}/{ref.name}: its manifest names shard folder {shards!r}; "
                                   f"this harness reads {SHARDS_DIR!r} only")
-        if (shards is not None) == self._sharded:
-            return
-        running = self.strategy.name if self.strategy is not None else "ddp"
-        raise CheckpointError(
-            f"{self.store.root}/{ref.name} was written with trainer.strategy={written_by} and this run uses "
-            f"trainer.strategy={running}; resuming across strategies is not supported yet. HINT: resume "
-            f"with trainer.strategy={written_by}, or start this run in another checkpoint.dir")
+        return str(ref.manifest.get(INFO_STRATEGY, "ddp")), shards is not None
 
     def _remap(self, rng_per_rank: list, data_unit: Optional[int], own_sampler: bool = False) -> None:
         """Each rank's RNG when the world is the same; else keep the data position by samples.
@@ -393,17 +410,27 @@ class CheckpointManager:
         raise_if_any_failed(error, f"checkpoint.init_from={path} could not be loaded", self.env.device)
 
     def _init_from(self, path: str) -> None:
-        model = self.registry.get(MODEL)
+        model = self.registry.get(MODEL) or self.strategy.adopted(MODEL)
         if model is None:
             raise RuntimeError("checkpoint.init_from needs a model: call session.prepare(model) first")
-        file_state = extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
-        file_state = rename_prefixes(file_state, self.ckpt.init_rename)
+        file_state = rename_prefixes(self._init_weights(path), self.ckpt.init_rename)
+        # A sharded model's state_dict() holds DTensors: their shapes are the full ones.
         loadable, report = match_state(model.state_dict(), file_state)
         if self.ckpt.init_strict and not report.clean:
             raise ValueError(f"checkpoint.init_from={path} does not match the model "
                              f"(checkpoint.init_strict=true):\n{report.format()}")
-        model.load_state_dict(loadable, strict=False)
+        self.strategy.load_weights(model, loadable)
         self.say(f"initialised {len(loadable)} tensors from {path}\n{report.format()}")
+
+    def _init_weights(self, path: str) -> dict:
+        """The full model weights in ``path``: any weights file, or a sharded checkpoint (its step
+        folder, its ``shards`` folder or its payload file), whose model every rank reads whole."""
+        shards = sharded_folder(path)
+        if shards is None:
+            return extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
+        from harness.strategy.dcp_state import read_model  # torch.distributed.checkpoint: only when used
+
+        return read_model(shards, MODEL)
 
     # ----- save -----------------------------------------------------------------------------------
     def save(self, metric: Optional[float], sampler_state: Optional[dict] = None) -> None:
@@ -416,7 +443,7 @@ class CheckpointManager:
             return
         per_rank = self._gather((capture_rng(), sampler_state))
         rng_per_rank, samplers_per_rank = [rng for rng, _ in per_rank], [state for _, state in per_rank]
-        written = self._save_shards() if self._sharded else None
+        written = self._save_shards() if self.strategy.sharded else None
 
         def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
             payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Collection, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -87,17 +87,23 @@ class StateRegistry:
     def state_dict(self) -> dict:
         return {name: obj.state_dict() for name, obj in self._objects.items()}
 
-    def load_state_dict(self, states: dict) -> None:
-        """Restore every registered object; a name missing from the file is an error naming it."""
-        missing = [name for name in self._objects if name not in states]
+    def load_state_dict(self, states: dict, elsewhere: Collection[str] = (), adopted: Collection[str] = ()) -> None:
+        """Restore every registered object; a name missing from the file is an error naming it.
+
+        ``elsewhere``: registered names whose state is not in ``states`` (a sharded checkpoint keeps
+        them in its shards): skipped here. ``adopted``: names of objects a strategy keeps outside the
+        registry, restored by it: not reported as state that nothing registered."""
+        missing = [name for name in self._objects if name not in states and name not in elsewhere]
         if missing:
             raise KeyError(f"checkpoint has no state for {missing}; it holds {sorted(states)}")
         for name, obj in self._objects.items():
+            if name in elsewhere:
+                continue
             state = states[name]
             if isinstance(obj, torch.nn.Module):
                 state = align_wrapper_prefixes(state, obj.state_dict().keys())
             obj.load_state_dict(state)
-        extra = sorted(set(states) - set(self._objects))
+        extra = sorted(set(states) - set(self._objects) - set(adopted))
         if extra:
             log.warning("checkpoint holds state for %s, which nothing registered; ignored", extra)
 

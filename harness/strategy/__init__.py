@@ -14,13 +14,20 @@ A strategy is the one place that knows how parameters live on the ranks; the res
   MixedPrecisionPolicy for ``trainer.precision=bf16``), so the loop must not autocast on top.
 - ``takes(obj)`` / ``adopt(name, obj)``: whether the strategy keeps the state of a registered object
   (the model, its optimizers) in files of its own instead of rank 0's payload, and taking it.
+  ``adopted_names`` / ``adopted(name)``: what it took (empty / None for ddp).
 - ``sharded``: True when the strategy writes such files. Then, for a checkpoint folder ``F``:
   ``save(F)`` is a collective on every rank that writes this rank's share of the state under ``F``
   and returns the paths (relative to ``F``) of the files THIS rank must hash, each file claimed by
-  exactly one rank; the files are complete and fsynced when it returns on any rank. ``load(F)``
-  is a collective that restores the adopted objects from ``F`` (resharding to this world size).
-  Failures raise on every rank (DCP gathers them). The manager then lists every file with its
-  size and checksum in the manifest, which rank 0 writes last (harness.checkpoint.store).
+  exactly one rank; the files are complete and fsynced when it returns on any rank. The manager
+  then lists every file with its size and checksum in the manifest, which rank 0 writes last
+  (harness.checkpoint.store).
+- Restoring, whichever strategy wrote the checkpoint (the conversions ddp <-> fsdp are exact copies):
+  ``load(F, registered)`` is a collective that reads the sharded files in ``F``, resharded to this
+  world size, into the adopted objects and into ``registered`` (registered objects whose state the
+  checkpoint keeps in ``F``: a ddp run's model and optimizers, filled with full tensors); failures
+  raise on every rank (DCP gathers them). ``load_full(states)`` restores the adopted objects from a
+  ddp payload's full state dicts (by registered name; every rank keeps its slice).
+  ``load_weights(model, weights)`` loads ``checkpoint.init_from``'s full tensors for some keys.
 
 File layout of a checkpoint folder by strategy:
 
@@ -35,7 +42,7 @@ line in ``make_strategy``.
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, Protocol, Sequence
 
 import torch
 
@@ -52,10 +59,15 @@ class Strategy(Protocol):
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def gradient_sync(self, model: torch.nn.Module, enabled: bool) -> ContextManager: ...
+    adopted_names: Sequence[str]
+
     def takes(self, obj: Any) -> bool: ...
     def adopt(self, name: str, obj: Any) -> None: ...
+    def adopted(self, name: str) -> Any: ...
     def save(self, folder: str) -> list[str]: ...
-    def load(self, folder: str) -> None: ...
+    def load(self, folder: str, registered: dict[str, Any]) -> None: ...
+    def load_full(self, states: dict[str, dict]) -> None: ...
+    def load_weights(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None: ...
 
 
 def make_strategy(trainer: TrainerConfig, env: DistEnv) -> Strategy:

@@ -1,5 +1,6 @@
 """DistributedDataParallel: every rank holds the whole model and optimizer; rank 0's payload holds
-all of it, so this strategy writes no files of its own."""
+all of it, so this strategy writes no files of its own. It reads a sharded checkpoint's files
+(an fsdp run's ``shards/``) into its full tensors, so an fsdp run can be resumed with ddp."""
 
 from __future__ import annotations
 
@@ -40,8 +41,30 @@ class DDPStrategy:
     def adopt(self, name: str, obj: Any) -> None:
         raise TypeError("the ddp strategy keeps no state of its own")
 
+    adopted_names: tuple[str, ...] = ()
+
+    def adopted(self, name: str) -> Any:
+        return None
+
     def save(self, folder: str) -> list[str]:
         raise TypeError("the ddp strategy writes no files of its own")
 
-    def load(self, folder: str) -> None:
-        raise TypeError("the ddp strategy reads no files of its own")
+    def load(self, folder: str, registered: dict[str, Any]) -> None:
+        """Fill the registered model and optimizers in ``registered`` with the full tensors of the
+        sharded checkpoint in ``folder`` (a collective when a process group exists)."""
+        models = {name: obj for name, obj in registered.items() if isinstance(obj, torch.nn.Module)}
+        optimizers = [obj for obj in registered.values() if isinstance(obj, torch.optim.Optimizer)]
+        others = sorted(set(registered) - set(models) - {n for n, o in registered.items() if o in optimizers})
+        if len(models) != 1 or others:
+            raise ValueError(f"a sharded checkpoint keeps one model and its optimizers in its shards; the state "
+                             f"of {sorted(registered)} is not in its payload")
+        from harness.strategy import dcp_state  # torch.distributed.checkpoint: only when used
+
+        (name, model), = models.items()
+        dcp_state.load(folder, model, name, optimizers)
+
+    def load_full(self, states: dict[str, dict]) -> None:
+        return None  # nothing adopted: the registry restores everything from the payload
+
+    def load_weights(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(weights, strict=False)

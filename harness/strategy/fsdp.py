@@ -17,18 +17,15 @@ import warnings
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from harness.env import DistEnv
-
-OPTIMIZER_KEY = "optimizer"  # the DCP key of the optimizers' state (several are merged by FQN)
-METADATA_FILE = ".metadata"  # DCP's metadata file, written last by its coordinator (rank 0)
+from harness.strategy import dcp_state
+from harness.strategy.dcp_state import OPTIMIZER_KEY  # noqa: F401 (tools and tests read it here)
 # DCP's FileSystemWriter names each rank's data files "__<rank>_<n>.distcp": the rank that wrote a
 # file hashes it (its pages are still cached there); anything else is hashed by rank 0.
 _RANK_FILE = re.compile(r"^__(\d+)_")
@@ -81,30 +78,44 @@ class FSDPStrategy:
         else:
             self.model, self.model_name = obj, name
 
-    def _state(self) -> dict:
-        """{model name: sharded model state, "optimizer": the optimizers' sharded state} (DTensors;
-        on a fresh optimizer, torch initialises its state first so the template is complete)."""
+    @property
+    def adopted_names(self) -> list[str]:
+        return ([self.model_name] if self.model is not None else []) + list(self.optimizers)
+
+    def adopted(self, name: str) -> Any:
+        return self.model if name == self.model_name else self.optimizers.get(name)
+
+    def _prepared_model(self) -> nn.Module:
         if self.model is None:
             raise RuntimeError("trainer.strategy=fsdp saves the prepared model: call session.prepare(model) first")
-        state = {self.model_name: get_model_state_dict(self.model)}
-        if self.optimizers:
-            state[OPTIMIZER_KEY] = get_optimizer_state_dict(self.model, list(self.optimizers.values()))
-        return state
+        return self.model
 
     def save(self, folder: str) -> list[str]:
         """Every rank writes its shards to ``folder`` (a collective; DCP fsyncs each file and writes
         its metadata last through a temporary name); returns the files this rank hashes."""
-        metadata = dcp.save(self._state(), storage_writer=FileSystemWriter(folder, sync_files=True))
-        files = {info.relative_path for info in metadata.storage_data.values()} | {METADATA_FILE}
+        state = dcp_state.template(self._prepared_model(), self.model_name, list(self.optimizers.values()))
+        files = dcp_state.save(state, folder)
         return sorted(name for name in files if _hashed_by(name, self.env.world_size) == self.env.rank)
 
-    def load(self, folder: str) -> None:
-        """Restore the model and optimizers from ``folder`` (a collective; any world size)."""
-        state = self._state()
-        dcp.load(state, storage_reader=FileSystemReader(folder))
-        set_model_state_dict(self.model, state[self.model_name])
-        if self.optimizers:
-            set_optimizer_state_dict(self.model, list(self.optimizers.values()), state[OPTIMIZER_KEY])
+    def load(self, folder: str, registered: dict[str, Any]) -> None:
+        """Restore the model and optimizers from ``folder`` (a collective; any world size). Every
+        other registered object is in the payload, so ``registered`` must be empty."""
+        if registered:
+            raise ValueError(f"trainer.strategy=fsdp keeps only its model and optimizers in shards, not {sorted(registered)}")
+        dcp_state.load(folder, self._prepared_model(), self.model_name, list(self.optimizers.values()))
+
+    def load_full(self, states: dict[str, dict]) -> None:
+        """Restore the model and optimizers from a ddp payload's full state dicts, keyed by
+        registered name; each rank keeps its slice. Raises KeyError naming what the payload lacks."""
+        missing = [name for name in self.adopted_names if name not in states]
+        if missing:
+            raise KeyError(f"checkpoint has no state for {missing}; it holds {sorted(states)}")
+        dcp_state.load_full(self._prepared_model(), states[self.model_name],
+                            {optimizer: states[name] for name, optimizer in self.optimizers.items()})
+
+    def load_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """init_from: full tensors for some of the model's keys; each rank keeps its slice."""
+        set_model_state_dict(model, weights, options=dcp_state.FULL_PARTIAL)
 
 
 @contextlib.contextmanager

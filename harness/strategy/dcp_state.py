@@ -1,0 +1,105 @@
+"""The model's and its optimizers' state in torch.distributed.checkpoint (DCP) form, for any strategy.
+
+A sharded checkpoint's ``shards/`` folder holds ``{model name: {fqn: tensor}, "optimizer": {"state":
+{fqn: slots}, "param_groups": [...]}}`` (several optimizers merged by parameter name). The same
+functions read it into a sharded model (FSDP2: each rank gets its shards, resharded to this world
+size) or into a replicated one (ddp: each rank gets full tensors), because the template they load
+into is taken from the live model with ``get_model_state_dict``/``get_optimizer_state_dict``.
+
+``load_full`` goes the other way round: the full state dicts of a ddp payload (the optimizer's
+keyed by parameter position, as ``Optimizer.state_dict`` keys them) into any model, sharded or not.
+Every copy is exact: converting never changes a value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+OPTIMIZER_KEY = "optimizer"  # the DCP key of the optimizers' state (several are merged by FQN)
+METADATA_FILE = ".metadata"  # DCP's metadata file, written last by its coordinator (rank 0)
+FULL = StateDictOptions(full_state_dict=True)  # full tensors given to every rank, each keeps its shard
+FULL_PARTIAL = StateDictOptions(full_state_dict=True, strict=False)  # init_from: some keys only
+
+
+def template(model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer]) -> dict:
+    """{model name: model state, "optimizer": the optimizers' state}, as this rank holds them
+    (DTensor shards under FSDP2, full tensors otherwise). On a fresh optimizer torch initialises its
+    state first (a step with zero gradients and lr 0), so the template is complete."""
+    state = {model_name: get_model_state_dict(model)}
+    if optimizers:
+        state[OPTIMIZER_KEY] = get_optimizer_state_dict(model, list(optimizers))
+    return state
+
+
+def save(state: dict, folder: str) -> set[str]:
+    """Every rank writes its part of ``state`` to ``folder`` (a collective; DCP fsyncs each file and
+    writes its metadata last through a temporary name); returns the names of all files written."""
+    metadata = dcp.save(state, storage_writer=FileSystemWriter(folder, sync_files=True))
+    return {info.relative_path for info in metadata.storage_data.values()} | {METADATA_FILE}
+
+
+def load(folder: str, model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Restore ``model`` and ``optimizers`` from the DCP checkpoint in ``folder``, whatever strategy
+    and world size wrote it (a collective when a process group exists). Raises on every rank when
+    the checkpoint lacks a key of the model or an optimizer (DCP gathers the failures)."""
+    state = template(model, model_name, optimizers)
+    with warnings.catch_warnings():  # a one-rank ddp run has no process group: one process is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        dcp.load(state, storage_reader=FileSystemReader(folder))
+    set_model_state_dict(model, state[model_name])
+    if optimizers:
+        set_optimizer_state_dict(model, list(optimizers), state[OPTIMIZER_KEY])
+
+
+def load_full(model: nn.Module, model_state: Mapping[str, torch.Tensor],
+              optimizers: Mapping[torch.optim.Optimizer, dict]) -> None:
+    """Restore ``model`` from a full state dict and each optimizer from its ``state_dict()`` as a ddp
+    payload holds it (every rank passes the same full tensors; a sharded model keeps its slice).
+    Raises KeyError/ValueError when the model's keys or an optimizer's parameter groups differ."""
+    set_model_state_dict(model, dict(model_state), options=FULL)
+    for optimizer, saved in optimizers.items():
+        set_optimizer_state_dict(model, [optimizer], by_parameter_name(model, optimizer, saved), options=FULL)
+
+
+def by_parameter_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """``saved`` (an ``Optimizer.state_dict()``: state keyed by parameter position) keyed by
+    parameter name instead, the form ``set_optimizer_state_dict`` takes. Positions are matched to
+    ``optimizer``'s own parameter groups, as ``Optimizer.load_state_dict`` does, so the optimizer
+    must be built over the same parameters in the same order as the one that was saved."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = optimizer.param_groups
+    if len(groups) != len(saved["param_groups"]) or any(
+            len(group["params"]) != len(old["params"]) for group, old in zip(groups, saved["param_groups"])):
+        raise ValueError("the saved optimizer has other parameter groups than this run's (sizes "
+                         f"{[len(g['params']) for g in saved['param_groups']]} vs {[len(g['params']) for g in groups]})")
+    position_name: dict[Any, str] = {}
+    for group, old in zip(groups, saved["param_groups"]):
+        for param, position in zip(group["params"], old["params"]):
+            position_name[position] = names[id(param)]
+    return {"state": {position_name[position]: slots for position, slots in saved["state"].items()},
+            "param_groups": [old | {"params": [position_name[p] for p in old["params"]]}
+                             for old in saved["param_groups"]]}
+
+
+def read_model(folder: str, model_name: str) -> dict[str, torch.Tensor]:
+    """The full (unsharded) tensors of one model in a DCP checkpoint folder, read by this process
+    (every rank of a process group calls it together). Holds the whole model in memory."""
+    # Public DCP offers no "load everything" without a template; this is what its own
+    # format_utils use (torch 2.13: torch.distributed.checkpoint.state_dict_loader).
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        state = _load_state_dict_from_keys(keys={model_name}, checkpoint_id=folder)
+    if model_name not in state:
+        raise KeyError(f"{folder} holds no model named {model_name!r}")
+    return state[model_name]
