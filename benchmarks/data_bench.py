@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_bench [--reps N] [--position P] [--baseline-commit REV] [--json FILE]
 
-Three groups of figures, each a median over ``--reps`` with its min and max beside it:
+Four groups of figures, each a median over ``--reps`` with its min and max beside it:
 
 * **A user's sampler, resumed at position P** (default 1e6 indices): ``position_loader`` then the
   first batch of a loader built with ``sampler=DistributedSampler(...)`` (and ``batch_sampler=``),
@@ -11,8 +11,11 @@ Three groups of figures, each a median over ``--reps`` with its min and max besi
 * **Per-batch collate seeding**: ``SeededCollate`` with and without seeding around a collate_fn,
   timed directly in the main process (seed, call, restore the training RNG) and inside a DataLoader
   worker (seed only); and end to end, time per batch of a loader with ``seed_collate`` on and off
-  (per-sample seeding off in both), with 0 and 2 workers (interleaved reps; the difference of two
-  noisy medians).
+  (per-sample seeding off in both), with 0 and 2 workers, and with 0 workers and per-sample
+  seeding on (the default loader: the samples already pay for keeping the training RNG)
+  (interleaved reps; the difference of two noisy medians).
+* **Per-sample seeding in the main process**: time per batch with the training RNG kept once per
+  batch (``SeededSamples.__getitems__``) and once per sample (as before), against no seeding.
 * **The keyed permutation, now and before** (``--baseline-commit``, default a91c966, the commit
   before user samplers and collate seeding): positioning a ``ResumableSampler`` at P, keys per
   second, and batches per second of ``make_loader``'s default path, for both versions' data.py.
@@ -164,11 +167,13 @@ def _loader_batch_us(loader: DataLoader, batches: int) -> float:
     return elapsed / batches * 1e6
 
 
-def measure_collate_end_to_end(workers: int, reps: int) -> dict:
+def measure_collate_end_to_end(workers: int, reps: int, seed_samples: bool = False) -> dict:
+    """Time per batch with and without collate seeding. ``seed_samples=False``: the collate alone
+    pays for keeping the training RNG; True (the default loader): the batch's samples already pay
+    for it, and the collate adds its seeding only."""
     dataset = Indices((LOADER_BATCHES + 8) * BATCH)
-    # Per-sample seeding off in both: it costs more than the collate's and would bury it in noise.
     loaders = {seeded: data_mod.make_loader(dataset, BATCH, rank=0, world_size=1, seed=0, num_workers=workers,
-                                            collate_fn=user_collate, seed_collate=seeded, seed_samples=False)
+                                            collate_fn=user_collate, seed_collate=seeded, seed_samples=seed_samples)
                for seeded in (True, False)}
     on, off = [], []
     for _ in range(reps):  # interleaved, so drift of the machine hits both alike
@@ -267,6 +272,8 @@ def run(position: int, reps: int, baseline_commit: str) -> dict:
     for workers in (0, 2):
         say(f"collate seeding, end to end, {workers} workers ...")
         report[f"collate_loader_{workers}_workers"] = measure_collate_end_to_end(workers, reps)
+    say("collate seeding, end to end, 0 workers, samples seeded too ...")
+    report["collate_loader_0_workers_samples_seeded"] = measure_collate_end_to_end(0, reps, seed_samples=True)
     say("sample seeding, main process ...")
     report["sample_seeding_0_workers"] = measure_sample_seeding(reps)
     say("the keyed permutation, now ...")
