@@ -6,8 +6,9 @@
     python -m harness.ckpt export PATH OUT [--dtype bf16|fp16|fp32] [--format safetensors|torch]
 
 PATH is a checkpoint folder (``step_*``), a run's checkpoint folder (its newest complete checkpoint
-is used), or a single file: a harness ``state.pt``, a plain state_dict, a detectron2/Lightning-style
-dict, or (with ``--unsafe`` only) a pickled full model.
+whose files are whole is used; newer damaged ones are named on stderr), or a single file: a harness
+``state.pt``, a plain state_dict, a detectron2/Lightning-style dict, or (with ``--unsafe`` only) a
+pickled full model.
 
 This module stays long (~470 lines) on purpose: it is the whole CLI, and its four subcommands share
 one way to locate, load and flatten checkpoints; split, each piece would re-import the others.
@@ -76,10 +77,26 @@ def locate(path: str) -> Located:
             raise ToolError(f"{path}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
         return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
     store = CheckpointStore(LocalStorage(path))
-    ref = store.latest_listed()
+    ref = _newest_whole(store)
     if ref is None:
         raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
     return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
+
+
+def _newest_whole(store: CheckpointStore) -> Optional[CheckpointRef]:
+    """The newest checkpoint whose files are all there at their recorded sizes (as a resume would
+    choose, without reading every byte for checksums: ``verify`` does that); each newer one that
+    is skipped is named on stderr with what is wrong."""
+    skipped = False
+    for ref in reversed(store.list_complete()):
+        found = store.problems(ref, verify=False)
+        if not found:
+            if skipped:
+                print(f"harness.ckpt: using {store.root}/{ref.name}", file=sys.stderr)
+            return ref
+        print(f"harness.ckpt: skipping {store.root}/{ref.name}: {'; '.join(found)}", file=sys.stderr)
+        skipped = True
+    return None
 
 
 def load_any(path: str, unsafe: bool) -> Any:

@@ -254,6 +254,21 @@ def test_export_replaces_an_existing_file_and_reports_unwritable_outputs(trained
     assert "is a folder" in _one_line_error(capsys)
 
 
+# ---- a run folder whose newest checkpoint is damaged --------------------------------------------------
+
+def test_tools_on_a_run_folder_skip_a_damaged_newest_checkpoint_and_say_so(trained, tmp_path, capsys):
+    root, model, _ = trained
+    payload = next((root / step_dir_name(2)).glob("state.*"))
+    with open(payload, "r+b") as handle:
+        handle.truncate(payload.stat().st_size // 2)  # a copy cut short: the manifest still lists it
+    assert ckpt_main(["inspect", str(root), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["path"].endswith(f"{step_dir_name(1)}/{payload.name}")
+    assert f"{step_dir_name(2)}" in captured.err and "truncated" in captured.err
+    assert ckpt_main(["export", str(root), str(tmp_path / "weights.pt")]) == 0
+    assert step_dir_name(1) in capsys.readouterr().err
+
+
 # ---- inspect of other layouts -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["lightning", "detectron2", "ddp-prefixed"])
