@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Iterable, Optional
+from typing import IO, Callable, Iterable, Optional, TypeVar
 
 from harness.checkpoint import checksum, flat
 from harness.checkpoint import manifest as manifests
@@ -28,6 +28,33 @@ from harness.checkpoint.storage import Storage
 from harness.checkpoint.storage.local import fsync_dir
 
 log = logging.getLogger("harness")
+T = TypeVar("T")
+
+# A read that fails with an I/O error (a throttled or briefly unreachable store) is tried this many
+# times in all, waiting RETRY_WAIT_S, then twice that, in between; only then does the error count.
+# Without retries a blink while choosing the checkpoint to resume would skip the newest one.
+READ_ATTEMPTS = 3
+RETRY_WAIT_S = 0.5
+# Errors that say the path is of the wrong kind: no retry changes them.
+LASTING_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def retried(read: Callable[[], T], what: str) -> T:
+    """``read()``, tried again after an OSError that may pass; FileNotFoundError (a provably absent
+    file) and errors of the path's kind are raised at once, as is the last attempt's error."""
+    wait = RETRY_WAIT_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except LASTING_ERRORS:
+            raise
+        except OSError as error:
+            if attempt == READ_ATTEMPTS:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, error, wait)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 MANIFEST_FORMAT = manifests.FORMAT
 MANIFEST_VERSION = manifests.VERSION
@@ -186,7 +213,7 @@ class CheckpointStore:
         harness.checkpoint.manifest), or a step that is not the one the folder's name says (a copy
         or a link under another name). Such a folder is neither loaded, nor counted, nor deleted."""
         try:
-            data = self.storage.read_bytes(manifest_path(name))
+            data = retried(lambda: self.storage.read_bytes(manifest_path(name)), f"reading {self.root}/{manifest_path(name)}")
         except FileNotFoundError:
             return None, None
         except OSError as error:
@@ -206,7 +233,7 @@ class CheckpointStore:
         whose manifest cannot be trusted are in neither list, with a warning. Raises OSError when
         the run folder cannot be listed."""
         refs, partial = [], []
-        for name in self.storage.list_names():
+        for name in retried(self.storage.list_names, f"listing {self.root}"):
             step = step_of(name)
             if step is None:
                 continue
@@ -259,7 +286,8 @@ class CheckpointStore:
         for rel, (recorded_size, recorded) in files.items():
             path = f"{ref.name}/{rel}"
             try:
-                problem = self._file_problem(path, recorded_size, recorded, verify)
+                problem = retried(lambda: self._file_problem(path, recorded_size, recorded, verify),
+                                  f"reading {self.root}/{path}")
             except FileNotFoundError:
                 problem = f"{path}: missing"
             except OSError as error:

@@ -300,3 +300,53 @@ def test_a_remote_checkpoint_is_read_through_one_node_local_copy_that_is_removed
     copies = [name for name in removed if name.startswith("harness-resume-")]
     assert len(copies) == 1 and copies[0].endswith(".safetensors"), f"one node-local copy, removed: {removed}"
     assert not list(tmp_path.glob("harness-resume-*")), "the node-local copy must be removed"
+
+
+class BlinkingStorage:
+    """A real LocalStorage seen as a remote store (no local paths) whose listing, manifest reads and
+    payload reads each fail with EIO the first ``failures`` times: a throttled or briefly
+    unreachable object store, as a restart after a node failure often meets it."""
+
+    def __init__(self, local: LocalStorage, failures: int):
+        self._local, self.root = local, local.root
+        self.left = {"list": failures, "manifest": failures, "payload": failures}
+
+    def __getattr__(self, name):
+        return getattr(self._local, name)
+
+    def _blink(self, what: str, rel: str = "") -> None:
+        if self.left[what] > 0:
+            self.left[what] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO), rel)
+
+    def list_names(self):
+        self._blink("list")
+        return self._local.list_names()
+
+    def read_bytes(self, rel: str) -> bytes:
+        if rel.endswith("manifest.json") and "step_000000020" in rel:
+            self._blink("manifest", rel)
+        return self._local.read_bytes(rel)
+
+    def open_read(self, rel: str):
+        if "step_000000020" in rel:
+            self._blink("payload", rel)
+        return self._local.open_read(rel)
+
+    def local_path(self, rel: str):
+        return None  # every byte goes through open_read, as on S3
+
+
+@pytest.mark.parametrize("failures, chosen", [(1, 20), (100, None)], ids=["transient", "lasting"])
+def test_a_transient_read_error_does_not_change_which_checkpoint_is_resumed(tmp_path, failures, chosen, caplog):
+    local = LocalStorage(str(tmp_path))
+    for step in (10, 20):
+        _commit(CheckpointStore(local), step)
+    store = CheckpointStore(BlinkingStorage(local, failures))
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        if chosen is None:  # the control: an error that lasts still fails the listing, as before
+            with pytest.raises(OSError):
+                store.latest_valid(verify=True)
+            return
+        assert store.latest_valid(verify=True).step == chosen, "the newest checkpoint, not an older one"
+    assert "retrying" in caplog.text

@@ -24,7 +24,7 @@ from harness.checkpoint import checksum
 from harness.checkpoint.format import encode, read_payload, torch_load
 from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.storage.staged import StagedStorage
-from harness.checkpoint.store import CheckpointStore, Retention
+from harness.checkpoint.store import READ_ATTEMPTS, CheckpointStore, Retention
 from harness.checkpoint.writer import CheckpointWriter
 from harness.config import validate
 from harness.env import DistEnv
@@ -155,7 +155,7 @@ def test_a_listing_error_while_pruning_is_a_warning_not_a_failed_save(tmp_path, 
     writer = CheckpointWriter(CheckpointStore(storage), Retention(keep_last=1), asynchronous=asynchronous)
     writer.submit(10, {"w": torch.zeros(2)}, {})
     writer.flush()
-    storage.failures = 1
+    storage.failures = READ_ATTEMPTS  # fails every retry: an outage longer than the retries
     with caplog.at_level(logging.WARNING, logger="harness"):
         writer.submit(20, {"w": torch.ones(2)}, {})  # committed; its prune cannot list the folder
         writer.flush()
