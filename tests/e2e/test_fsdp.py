@@ -105,16 +105,22 @@ def test_streamed_export_of_the_shards_writes_the_full_weights(fsdp_reference, t
     assert (tmp_path / f"weights.{fmt}.sha256").read_text().split()[0] == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
-def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_reference):
-    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
-                                        *FSDP, after_step=12)
+def _sigterm_one_rank_then_resume(tmp_path: Path, args: tuple, rank: int, nproc: int = 2) -> Path:
+    """SIGTERM to ``rank`` alone after step 12: the job exits 75 with a checkpoint, and the relaunch
+    resumes from it and finishes. Returns the checkpoint folder."""
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[rank], signal.SIGTERM),
+                                        *args, after_step=12, nproc=nproc)
     assert code == 75, output
     stopped = steps_with_saves(ckpt_dir)[-1]
     assert 12 <= stopped < FSDP_STEPS, output
-    result = run_launch(ckpt_dir, *FSDP)
+    result = run_launch(ckpt_dir, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
-    _assert_same_training(ckpt_dir, fsdp_reference)
+    return ckpt_dir
+
+
+def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_reference):
+    _assert_same_training(_sigterm_one_rank_then_resume(tmp_path, FSDP, rank=1), fsdp_reference)
 
 
 THREE_RANKS = (*FSDP, "launcher.nproc_per_node=3", "task.batch_size=16")
@@ -125,14 +131,7 @@ def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(tmp_path_factory
     rank 2 alone, end where an uninterrupted 3-rank run ends (the control pair above shows the
     comparison can fail)."""
     reference = uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
-    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[2], signal.SIGTERM),
-                                        *THREE_RANKS, after_step=12, nproc=3)
-    assert code == 75, output
-    stopped = steps_with_saves(ckpt_dir)[-1]
-    assert 12 <= stopped < FSDP_STEPS, output
-    result = run_launch(ckpt_dir, *THREE_RANKS)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
+    ckpt_dir = _sigterm_one_rank_then_resume(tmp_path, THREE_RANKS, rank=2, nproc=3)
     assert len(_final_state(ckpt_dir)[1]["rng"]) == 3
     _assert_same_training(ckpt_dir, reference)
 
