@@ -269,6 +269,39 @@ def test_bf16_accumulation_clipping_and_eval_resume_bit_exact(tmp_path_factory, 
     assert full["model"]["head.weight"].dtype == torch.float32  # bf16 for compute, fp32 kept and saved
 
 
+# fp16 as FSDP2's MixedPrecisionPolicy with torch's GradScaler on sharded gradients, a loss that
+# overflows at the initial scale (so the scale changes, and a skipped step must be skipped on every
+# rank), and an EMA whose shadow is sharded like the model and evaluated every 8 steps.
+FP16_EMA = (*FSDP, "trainer.precision=fp16", "task.loss=tests.tasks.loss_for_controls", "trainer.ema_decay=0.9",
+            "trainer.eval_every=8", "trainer.eval_ema=true", EVAL_DATA)
+
+
+def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path):
+    """SIGTERM to rank 1 of an fp16 + EMA run, resumed: the EMA lives in the shards (each rank wrote
+    its part of it), the scaler in the payload, and model, optimizer, EMA, scaler and every logged
+    loss (the EMA's evaluation included) equal an uninterrupted run's."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-fp16-ema-reference", *FP16_EMA)
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
+                                        *FP16_EMA, after_step=12)
+    assert code == 75, output
+    stopped = steps_with_saves(ckpt_dir)[-1]
+    result = run_launch(ckpt_dir, *FP16_EMA)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
+    _assert_same_training(ckpt_dir, reference)
+    full, payload = _final_state(ckpt_dir)
+    assert set(full) == {"model", "optimizer", "ema"} and set(payload["state"]) == {"scheduler", "scaler"}
+    assert set(full["ema"]["shadow"]) == set(full["model"])
+    assert not torch.equal(full["ema"]["shadow"]["head.weight"], full["model"]["head.weight"])  # an average
+    assert payload["state"]["scaler"]["scale"] < 65536.0  # the overflowing loss lowered the scale
+    run_rows, ref_rows = metrics(ckpt_dir), metrics(reference)
+    evaluated = {step: (row["val_loss"], row["val_loss_ema"]) for step, row in run_rows.items() if "val_loss_ema" in row}
+    assert sorted(evaluated) == list(range(8, FSDP_STEPS + 1, 8))
+    assert evaluated == {step: (row["val_loss"], row["val_loss_ema"]) for step, row in ref_rows.items()
+                         if "val_loss_ema" in row}
+    assert all(model != ema for model, ema in evaluated.values())  # the EMA's weights, not the model's
+
+
 # ----- ddp <-> fsdp ---------------------------------------------------------------------------------
 # On 2 CPU ranks over gloo, ddp and fsdp training of this model are bit-identical (a two-term sum
 # does not depend on reduction order, and halving is exact): measured, and what makes the exact
@@ -321,6 +354,24 @@ def test_a_run_resumed_under_the_other_strategy_continues_exactly(tmp_path, fsdp
     assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in out
     assert f"written with trainer.strategy={first}, this run uses trainer.strategy={then}" in out, out
     _assert_same_full_training(ckpt_dir, fsdp_reference)
+
+
+@pytest.mark.parametrize("first, then", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_an_ema_resumed_under_the_other_strategy_continues_exactly(tmp_path_factory, tmp_path, first, then):
+    """The EMA crosses strategies too: a ddp payload's full shadow is cut into each rank's shards,
+    a sharded shadow is read whole into a ddp run, and the run ends where an uninterrupted fsdp run
+    with the same EMA ends, bit for bit (EMA included)."""
+    ema = ("trainer.ema_decay=0.9",)
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-ema-reference", *FSDP, *ema)
+    legs = {"ddp": (*DDP, *ema), "fsdp": (*FSDP, *ema)}
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
+                                        *legs[first], after_step=12)
+    assert code == 75, output
+    result = run_launch(ckpt_dir, *legs[then], "trainer.strategy=" + then)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"this run uses trainer.strategy={then}" in result.stdout + result.stderr
+    _assert_same_full_training(ckpt_dir, reference)
+    assert "ema" in _full_training_state(ckpt_dir)["state"]
 
 
 @pytest.mark.parametrize("source, target", [("ddp", "fsdp"), ("fsdp", "ddp")])
