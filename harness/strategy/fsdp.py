@@ -16,7 +16,6 @@ registered name, and resharded the same way.
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from typing import Any, ContextManager, Iterator, Optional
 
@@ -27,12 +26,10 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from harness.checkpoint.layout import checking_rank
 from harness.env import DistEnv
 from harness.strategy import dcp_state
 from harness.strategy.dcp_state import OPTIMIZER_KEY  # noqa: F401 (tools and tests read it here)
-# DCP's FileSystemWriter names each rank's data files "__<rank>_<n>.distcp": the rank that wrote a
-# file hashes it (its pages are still cached there); anything else is hashed by rank 0.
-_RANK_FILE = re.compile(r"^__(\d+)_")
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> FSDP2 param_dtype
 
 
@@ -109,7 +106,9 @@ class FSDPStrategy:
         state = dcp_state.template(self._prepared_model(), self.model_name, list(self.optimizers.values()),
                                    self.others)
         files = dcp_state.save(state, folder)
-        return sorted(name for name in files if _hashed_by(name, self.env.world_size) == self.env.rank)
+        # DCP names each rank's data files "__<rank>_<n>.distcp": the rank that wrote a file hashes it
+        # (its pages are still cached there), and verifies it at resume; rank 0 takes the rest.
+        return sorted(name for name in files if checking_rank(name, self.env.world_size) == self.env.rank)
 
     def load(self, folder: str, registered: dict[str, Any]) -> None:
         """Restore the model, optimizers and other sharded state from ``folder`` (a collective; any
@@ -141,12 +140,6 @@ def _no_reduce_scatter(model: FSDPModule) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-def _hashed_by(name: str, world_size: int) -> int:
-    match = _RANK_FILE.match(name)
-    rank = int(match.group(1)) if match else 0
-    return rank if rank < world_size else 0
 
 
 def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:

@@ -218,6 +218,27 @@ def test_a_corrupt_shard_fails_verify_and_resume_falls_back(tmp_path, fsdp_refer
     _assert_same_training(ckpt_dir, fsdp_reference)
 
 
+@pytest.mark.parametrize("owner", [0, 1])
+def test_each_rank_verifies_its_own_shard_and_all_fall_back_together(tmp_path, fsdp_reference, owner):
+    """At resume the shard file of rank r is verified by rank r (not all by rank 0): a flipped byte in
+    the newest checkpoint's file of either rank is reported by that rank, and both ranks skip the
+    checkpoint together and end bit for bit where the reference ends."""
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    shard = _step_dir(ckpt_dir, FSDP_STEPS) / "shards" / f"__{owner}_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = run_launch(ckpt_dir, *FSDP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = [line for line in result.stderr.splitlines()
+               if f"skipping corrupt checkpoint {ckpt_dir}/step_{FSDP_STEPS:09d}" in line]
+    assert len(skipped) == 1, result.stderr  # rank 0 warns once, for both ranks
+    assert f"rank {owner}: step_{FSDP_STEPS:09d}/shards/__{owner}_0.distcp" in skipped[0], skipped[0]
+    assert f"resumed from {ckpt_dir}/step_000000040 at step 40" in result.stdout
+    _assert_same_training(ckpt_dir, fsdp_reference)
+
+
 def test_two_ranks_to_one_reshards_exactly_and_continues_the_data_stream(tmp_path):
     """Stop a 2-rank run, load it on 1 rank: the weights and optimizer right after the load equal the
     checkpoint's exactly (DCP reshards), and the run then continues to the end on 1 rank, keeping
