@@ -120,11 +120,16 @@ def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_refer
 THREE_RANKS = (*FSDP, "launcher.nproc_per_node=3", "task.batch_size=16")
 
 
-def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_3_reference(tmp_path_factory) -> Path:
+    return uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
+
+
+def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(fsdp_3_reference, tmp_path):
     """Uneven shards (128 rows over 3 ranks: 43, 43, 42) and 3 RNG streams, stopped by SIGTERM to
     rank 2 alone, end where an uninterrupted 3-rank run ends (the control pair above shows the
     comparison can fail)."""
-    reference = uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
+    reference = fsdp_3_reference
     ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[2], signal.SIGTERM),
                                         *THREE_RANKS, after_step=12, nproc=3)
     assert code == 75, output
@@ -179,13 +184,18 @@ def test_resume_from_rewritten_shards_matches_only_when_the_optimizer_state_is_k
             _assert_same_training(ckpt_dir, fsdp_reference)
 
 
-def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp_path, fsdp_reference, capsys):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp_path, request, capsys, ranks):
+    """SIGKILL of the whole job twice at random instants (inside saves too), then a relaunch: the
+    newest valid checkpoint is chosen by all ranks and the run ends bit for bit; on 3 ranks the
+    shards are uneven and 3 ranks must agree on which checkpoint is valid."""
+    reference = request.getfixturevalue("fsdp_reference" if ranks == 2 else "fsdp_3_reference")
     ckpt_dir = tmp_path / "ckpt"
     rng = random.Random(22)
-    overrides = (*FSDP, "checkpoint.every_steps=3")  # saves are frequent, so kills land inside them too
+    overrides = (*(FSDP if ranks == 2 else THREE_RANKS), "checkpoint.every_steps=3")  # kills land inside saves too
     for attempt in range(2):
         launcher = start_launch(ckpt_dir, *overrides)
-        worker_pids(launcher)
+        worker_pids(launcher, ranks)
         done_before = max(metrics(ckpt_dir), default=0)
         wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
         time.sleep(rng.uniform(0.0, 0.25))
@@ -197,7 +207,7 @@ def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp
     result = run_launch(ckpt_dir, *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout
-    _assert_same_training(ckpt_dir, fsdp_reference)
+    _assert_same_training(ckpt_dir, reference)
 
 
 def test_a_corrupt_shard_fails_verify_and_resume_falls_back(tmp_path, fsdp_reference, capsys):
