@@ -145,6 +145,9 @@ def _rank(rank: int, args: argparse.Namespace, port: int, folder: str, out: str)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=f"{folder}/sync{rep}",
                  process_group=save_group)
         found["sync_s"].append(time.perf_counter() - started)
+        # The same steps without a save, just before: the baseline of this repetition (a loaded
+        # machine drifts between repetitions, and the first steps warm up).
+        alone = sum(_step(model, optimizer, args.width) for _ in range(STEPS_OVERLAPPED))
         model_state, optim_state = get_state_dict(model, optimizer)
         dist.barrier()
         started = time.perf_counter()
@@ -154,7 +157,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, folder: str, out: str)
         overlapped = sum(_step(model, optimizer, args.width) for _ in range(STEPS_OVERLAPPED))
         future.result()
         found["async_done_s"].append(time.perf_counter() - started)
-        found["stall_s"].append(found["async_block_s"][-1] + overlapped - STEPS_OVERLAPPED * step_s)
+        found["stall_s"].append(found["async_block_s"][-1] + overlapped - alone)
         dist.barrier()
     state_bytes = sum(t.to_local().numel() * t.element_size() for t in model.parameters()) * 3
     result = {key: round(statistics.median(values), 3) for key, values in found.items()}
