@@ -46,10 +46,11 @@ class TrainerConfig:
     collective_timeout_s: int = 1800  # how long ranks wait in a collective (e.g. for rank 0's save)
     metrics_file: Optional[str] = None  # JSON lines of per-step loss from rank 0; null: <dir>/metrics.jsonl
     accumulate: int = 1  # micro-batches per optimizer step (task.batch_size is the micro-batch per rank)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on the rank's device; fp16 adds a GradScaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on the rank's device, FSDP2's MixedPrecisionPolicy under fsdp; fp16 adds a GradScaler)
     clip_grad_norm: Optional[float] = None  # max gradient norm, or null (unscaled first under fp16)
     eval_every: int = 0  # steps between evaluations on task.eval_data (logged as val_loss); 0: off
     ema_decay: Optional[float] = None  # keep an exponential moving average of the weights; null: off
+    eval_ema: bool = False  # with ema_decay and eval_every: also evaluate the EMA's weights (logged as val_loss_ema)
     strategy: str = "ddp"  # ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks)
     fsdp_shard: List[str] = field(default_factory=list)  # fsdp: class names of the blocks sharded one by one (e.g. [GPT2Block]); empty: each element of the model's nn.ModuleLists
 
@@ -68,26 +69,15 @@ class TrainerConfig:
         _require(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "an integer >= 0")
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "trainer.ema_decay", self.ema_decay,
                  "null or a decay in (0, 1)")
+        if self.eval_ema and (self.ema_decay is None or not self.eval_every):
+            raise ConfigError("trainer.eval_ema=true evaluates the EMA at each evaluation: HINT: set "
+                              "trainer.ema_decay and trainer.eval_every too, or drop trainer.eval_ema")
         _require(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, " | ".join(STRATEGIES))
         _require(all(isinstance(name, str) and name.isidentifier() for name in self.fsdp_shard),
                  "trainer.fsdp_shard", self.fsdp_shard, "a list of class names such as [GPT2Block]")
         if self.fsdp_shard and self.strategy != "fsdp":
             raise ConfigError(f"trainer.fsdp_shard={list(self.fsdp_shard)} applies to trainer.strategy=fsdp "
                               f"only, not {self.strategy}: HINT: add trainer.strategy=fsdp or drop trainer.fsdp_shard")
-        if self.strategy == "fsdp":
-            self._check_fsdp()
-
-    def _check_fsdp(self) -> None:
-        """What trainer.strategy=fsdp does not do yet, refused at start rather than half-done."""
-        if self.precision == "fp16":
-            raise ConfigError("trainer.precision=fp16 is not supported with trainer.strategy=fsdp (it "
-                              "needs a sharded GradScaler): HINT: use trainer.precision=bf16 (FSDP2 "
-                              "keeps bf16 parameters and reduces gradients in fp32) or fp32")
-        if self.ema_decay is not None:
-            raise ConfigError("trainer.ema_decay is not supported with trainer.strategy=fsdp yet (the "
-                              "EMA would have to keep a sharded shadow): HINT: drop trainer.ema_decay, or "
-                              "use trainer.strategy=ddp")
-
 
 @dataclass
 class CheckpointConfig:

@@ -2,9 +2,11 @@
 
 One optimizer step: ``trainer.accumulate`` micro-batches (gradients are reduced on the last only),
 autocast in ``trainer.precision`` (fp16 with a saved GradScaler; with ``trainer.strategy=fsdp``,
-bf16 is FSDP2's MixedPrecisionPolicy instead), optional gradient clipping, the
-optimizer and scheduler steps, the EMA update; every ``trainer.eval_every`` steps an evaluation on
-``task.eval_data`` logged as ``val_loss`` of that step. Everything stateful is registered, so a
+bf16 and fp16 are FSDP2's MixedPrecisionPolicy instead of autocast, fp16 still with the GradScaler),
+optional gradient clipping, the optimizer and scheduler steps, the EMA update (under fsdp each rank
+averages its own shards); every ``trainer.eval_every`` steps an evaluation on ``task.eval_data``
+logged as ``val_loss`` of that step, and with ``trainer.eval_ema`` one of the EMA's weights logged as
+``val_loss_ema``. Everything stateful is registered, so a
 resumed run continues bit for bit.
 """
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Optional
+import sys
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,11 +54,16 @@ def build_model(session: Session, task: TaskConfig) -> torch.nn.Module:
 
 
 class Precision:
-    """Autocast and, for fp16, the GradScaler (a Stateful: its scale is saved and restored)."""
+    """Autocast and, for fp16, the GradScaler (a Stateful: its scale is saved and restored).
 
-    def __init__(self, name: str, device: torch.device):
+    ``autocast=False``: the strategy casts the parameters itself (FSDP2's MixedPrecisionPolicy), so
+    only the loss scaling is left to do here. torch's plain GradScaler serves sharded gradients too:
+    on DTensor gradients its inf/nan check is reduced over every rank's shards, so every rank skips
+    the same steps and keeps the same scale."""
+
+    def __init__(self, name: str, device: torch.device, autocast: bool = True):
         self.device_type = device.type
-        self.dtype = AUTOCAST_DTYPES.get(name)
+        self.dtype = AUTOCAST_DTYPES.get(name) if autocast else None
         self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -81,7 +89,11 @@ class Precision:
 
 
 class ModelEma:
-    """An exponential moving average of a model's parameters and buffers (a Stateful)."""
+    """An exponential moving average of a model's parameters and buffers (a Stateful).
+
+    Under FSDP2 the model's state dict holds DTensors, so the shadow is sharded like the model: each
+    rank averages its own shards, and the fsdp strategy saves it in the checkpoint's shards
+    (resharded on another world size, full tensors for ddp)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -106,6 +118,37 @@ class ModelEma:
         for key, value in state["shadow"].items():
             self.shadow[key].copy_(value)
         self.decay = float(state["decay"])
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """The model holds the EMA's weights inside the block (to evaluate them) and exactly its own
+        again after it. Each rank swaps only what it holds (its shards under FSDP2)."""
+        live = unwrap_model(model).state_dict()
+        saved = {key: value.detach().clone() for key, value in live.items()}
+        _drop_gathered_parameters(model)
+        try:
+            with torch.no_grad():
+                for key, value in live.items():
+                    value.copy_(self.shadow[key])
+            yield
+        finally:
+            with torch.no_grad():
+                for key, value in live.items():
+                    value.copy_(saved[key])
+            _drop_gathered_parameters(model)
+
+
+def _drop_gathered_parameters(model: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's all-gathered parameters after a forward (it would need them again for
+    the backward): after the sharded parameters are overwritten in place, the next forward must
+    gather them again instead of computing with the stale copy."""
+    if "torch.distributed.fsdp" not in sys.modules:  # no FSDP2 model can exist (ddp: nothing gathered)
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class Evaluator:
@@ -160,7 +203,7 @@ def run_task(session: Session, task: TaskConfig, trainer: TrainerConfig) -> None
     optimizer = instantiate(task.optimizer)(model.parameters())
     scheduler = instantiate(task.scheduler)(optimizer) if task.scheduler else None
     # FSDP2 casts parameters itself (MixedPrecisionPolicy): autocast on top would cast twice.
-    precision = Precision("fp32" if session.strategy.mixed_precision else trainer.precision, session.device)
+    precision = Precision(trainer.precision, session.device, autocast=not session.strategy.mixed_precision)
     ema = ModelEma(model, trainer.ema_decay) if trainer.ema_decay else None
     session.register(optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler, ema=ema)
     loss_fn = get_method(task.loss)
@@ -189,3 +232,8 @@ def run_task(session: Session, task: TaskConfig, trainer: TrainerConfig) -> None
             val_loss = evaluator.run(model, precision)
             if val_loss is not None:
                 session.log(val_loss=val_loss)
+            if val_loss is not None and ema is not None and trainer.eval_ema:
+                with ema.applied(model):
+                    ema_loss = evaluator.run(model, precision)
+                if ema_loss is not None:
+                    session.log(val_loss_ema=ema_loss)

@@ -27,6 +27,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 LOCK_NAME = ".harness.lock"  # rank 0 of the job writing this folder holds a flock on it
 SET_ASIDE_DIR = "set_aside"  # earlier runs' files, moved here by a fresh start (checkpoint.set_aside)
 HASH_CHUNK = 8 << 20  # bytes read or copied at a time
+# torch.distributed.checkpoint names each rank's data files "__<rank>_<n>.distcp".
+RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
 def step_dir_name(step: int) -> str:
@@ -58,6 +60,16 @@ def payload_file(manifest: dict) -> str:
     """The payload file a manifest lists: the flat one, or torch.save's (older checkpoints)."""
     files = manifest.get("files", {})
     return PAYLOAD_NAME if PAYLOAD_NAME in files or LEGACY_PAYLOAD_NAME not in files else LEGACY_PAYLOAD_NAME
+
+
+def checking_rank(rel: str, world_size: int) -> int:
+    """The rank that hashes (at save) and verifies (at resume) the file ``rel`` of a checkpoint
+    folder: a sharded strategy's data file of rank r (``shards/__<r>_<n>.distcp``) goes to rank
+    ``r % world_size`` (on the same world size the rank that wrote it, whose page cache may still
+    hold it; on another, spread round-robin), every other file to rank 0."""
+    folder, _, name = rel.rpartition("/")
+    match = RANK_FILE.match(name) if folder in ("", SHARDS_DIR) else None
+    return int(match.group(1)) % world_size if match else 0
 
 
 def manifest_path(name: str) -> str:

@@ -25,7 +25,7 @@ from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
-                                       SHARDS_DIR, CheckpointRef, step_dir_name, step_of)
+                                       SHARDS_DIR, CheckpointRef, checking_rank, step_dir_name, step_of)
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
@@ -157,13 +157,39 @@ class CheckpointManager:
         return self.ckpt.resume or self.env.restart_count > 0
 
     def _choose(self, below: Optional[int] = None) -> Optional[CheckpointRef]:
-        """Rank 0 verifies and picks (the newest valid one, or the newest below step ``below``);
-        every rank loads the same one."""
-        def newest_valid() -> Optional[CheckpointRef]:
-            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
-            return self.store.latest_valid(verify=self.ckpt.verify, below=below)
+        """The newest valid checkpoint (or the newest below step ``below``), the same on every rank.
 
-        return on_rank0(newest_valid, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
+        Rank 0 lists the complete checkpoints; then, newest first, every rank verifies its share of
+        each one's files (``layout.checking_rank``: the shard files of rank r on rank r, the rest on
+        rank 0), and the ranks agree on the outcome, so a corrupt shard found by any rank makes
+        every rank skip that checkpoint together (rank 0 warns, naming the rank that found it)."""
+        def listed() -> list[CheckpointRef]:
+            self.store.storage.flush()  # staging: finish uploads left by a crash, so others can read them
+            return [ref for ref in reversed(self.store.list_complete()) if below is None or ref.step < below]
+
+        candidates = on_rank0(listed, f"could not look for checkpoints in {self.store.root}", self.env.is_main)
+        for ref in candidates:
+            found = self._problems_everywhere(ref)
+            if not found:
+                return ref
+            if self.env.is_main:
+                log.warning("skipping corrupt checkpoint %s/%s: %s", self.store.root, ref.name, "; ".join(found))
+        return None
+
+    def _problems_everywhere(self, ref: CheckpointRef) -> list[str]:
+        """What any rank found wrong with its share of ``ref``'s files ("rank <r>: <problem>"),
+        known to every rank (a collective). An error other than a damaged file raises on every rank."""
+        world, rank = self.env.world_size, self.env.rank
+        found, error = [], None
+        try:
+            found = self.store.problems(ref, verify=self.ckpt.verify,
+                                        only=lambda rel: checking_rank(rel, world) == rank)
+        except Exception as exc:  # not a damaged file (those are problems): every rank must stop
+            error = exc
+        raise_if_any_failed(error, f"verifying {self.store.root}/{ref.name} failed", self.env.device)
+        per_rank = self._gather(found)
+        return list(dict.fromkeys(f"rank {where}: {problem}" for where, problems in enumerate(per_rank)
+                                  for problem in problems))
 
     def start_fresh(self) -> None:
         """A first launch with ``checkpoint.resume=false``: make sure no earlier run's checkpoint can

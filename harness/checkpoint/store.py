@@ -270,8 +270,11 @@ class CheckpointStore:
         names = sorted((name for name in self.storage.list_names() if step_of(name) is not None), key=step_of)
         return [self.examine(name, verify) for name in names]
 
-    def problems(self, ref: CheckpointRef, verify: bool = True) -> list[str]:
+    def problems(self, ref: CheckpointRef, verify: bool = True,
+                 only: Optional[Callable[[str], bool]] = None) -> list[str]:
         """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid).
+        ``only``: check just the files (names relative to the checkpoint folder) it accepts, so
+        several ranks can split the work; the manifest's own entries are checked by every caller.
 
         Never raises for a damaged checkpoint: an unusable manifest entry, a missing, unreadable or
         non-regular file (a symbolic link is not followed), a size or checksum (``verify``) that
@@ -284,6 +287,8 @@ class CheckpointStore:
             return [f"{manifest_path(ref.name)}: {error}"]
         found = []
         for rel, (recorded_size, recorded) in files.items():
+            if only is not None and not only(rel):
+                continue
             path = f"{ref.name}/{rel}"
             try:
                 problem = retried(lambda: self._file_problem(path, recorded_size, recorded, verify),

@@ -1,7 +1,9 @@
 """The model's and its optimizers' state in torch.distributed.checkpoint (DCP) form, for any strategy.
 
 A sharded checkpoint's ``shards/`` folder holds ``{model name: {fqn: tensor}, "optimizer": {"state":
-{fqn: slots}, "param_groups": [...]}}`` (several optimizers merged by parameter name). The same
+{fqn: slots}, "param_groups": [...]}}`` (several optimizers merged by parameter name) and, under its
+registered name, the ``state_dict()`` of every other object whose state is sharded (an EMA's shadow
+of the sharded parameters: each rank holds the average of its own shards). The same
 functions read it into a sharded model (FSDP2: each rank gets its shards, resharded to this world
 size) or into a replicated one (ddp: each rank gets full tensors), because the template they load
 into is taken from the live model with ``get_model_state_dict``/``get_optimizer_state_dict``.
@@ -14,11 +16,12 @@ Every copy is exact: converting never changes a value.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -30,14 +33,38 @@ FULL = StateDictOptions(full_state_dict=True)  # full tensors given to every ran
 FULL_PARTIAL = StateDictOptions(full_state_dict=True, strict=False)  # init_from: some keys only
 
 
-def template(model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer]) -> dict:
-    """{model name: model state, "optimizer": the optimizers' state}, as this rank holds them
-    (DTensor shards under FSDP2, full tensors otherwise). On a fresh optimizer torch initialises its
-    state first (a step with zero gradients and lr 0), so the template is complete."""
+def template(model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer],
+             others: Optional[Mapping[str, Any]] = None) -> dict:
+    """{model name: model state, "optimizer": the optimizers' state, other name: its state_dict()},
+    as this rank holds them (DTensor shards under FSDP2, full tensors otherwise). On a fresh
+    optimizer torch initialises its state first (a step with zero gradients and lr 0), so the
+    template is complete."""
     state = {model_name: get_model_state_dict(model)}
     if optimizers:
         state[OPTIMIZER_KEY] = get_optimizer_state_dict(model, list(optimizers))
-    return state
+    return state | {name: obj.state_dict() for name, obj in (others or {}).items()}
+
+
+def holds_dtensor(state: Any) -> bool:
+    """Whether a state dict (nested dicts, lists) holds a DTensor: state that only DCP can save."""
+    if isinstance(state, DTensor):
+        return True
+    if isinstance(state, Mapping):
+        return any(holds_dtensor(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(holds_dtensor(value) for value in state)
+    return False
+
+
+def localize(full: Any, like: Any) -> Any:
+    """``full`` (a state dict of full tensors, from a ddp payload) with each tensor that is a DTensor
+    in ``like`` (the live object's state dict) cut to this rank's shard of it, locally (no
+    communication: every rank holds the same full tensor). Everything else is returned as it is."""
+    if isinstance(like, DTensor) and isinstance(full, torch.Tensor) and not isinstance(full, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    if isinstance(full, Mapping) and isinstance(like, Mapping):
+        return {key: localize(value, like.get(key)) for key, value in full.items()}
+    return full
 
 
 def save(state: dict, folder: str) -> set[str]:
@@ -47,17 +74,21 @@ def save(state: dict, folder: str) -> set[str]:
     return {info.relative_path for info in metadata.storage_data.values()} | {METADATA_FILE}
 
 
-def load(folder: str, model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-    """Restore ``model`` and ``optimizers`` from the DCP checkpoint in ``folder``, whatever strategy
-    and world size wrote it (a collective when a process group exists). Raises on every rank when
-    the checkpoint lacks a key of the model or an optimizer (DCP gathers the failures)."""
-    state = template(model, model_name, optimizers)
+def load(folder: str, model: nn.Module, model_name: str, optimizers: Sequence[torch.optim.Optimizer],
+         others: Optional[Mapping[str, Any]] = None) -> None:
+    """Restore ``model``, ``optimizers`` and ``others`` (by name) from the DCP checkpoint in
+    ``folder``, whatever strategy and world size wrote it (a collective when a process group
+    exists). Raises on every rank when the checkpoint lacks a key of one of them (DCP gathers the
+    failures)."""
+    state = template(model, model_name, optimizers, others)
     with warnings.catch_warnings():  # a one-rank ddp run has no process group: one process is meant
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         dcp.load(state, storage_reader=FileSystemReader(folder))
     set_model_state_dict(model, state[model_name])
     if optimizers:
         set_optimizer_state_dict(model, list(optimizers), state[OPTIMIZER_KEY])
+    for name, obj in (others or {}).items():
+        obj.load_state_dict(state[name])
 
 
 def load_full(model: nn.Module, model_state: Mapping[str, torch.Tensor],

@@ -1,6 +1,7 @@
 """DistributedDataParallel: every rank holds the whole model and optimizer; rank 0's payload holds
 all of it, so this strategy writes no files of its own. It reads a sharded checkpoint's files
-(an fsdp run's ``shards/``) into its full tensors, so an fsdp run can be resumed with ddp."""
+(an fsdp run's ``shards/``: model, optimizers, EMA) into its full tensors, so an fsdp run can be
+resumed with ddp."""
 
 from __future__ import annotations
 
@@ -50,18 +51,20 @@ class DDPStrategy:
         raise TypeError("the ddp strategy writes no files of its own")
 
     def load(self, folder: str, registered: dict[str, Any]) -> None:
-        """Fill the registered model and optimizers in ``registered`` with the full tensors of the
-        sharded checkpoint in ``folder`` (a collective when a process group exists)."""
+        """Fill the registered model, its optimizers and any other object whose state the sharded
+        checkpoint in ``folder`` keeps (an EMA) with full tensors (a collective when a process group
+        exists). Raises on every rank when the checkpoint lacks one of them."""
         models = {name: obj for name, obj in registered.items() if isinstance(obj, torch.nn.Module)}
         optimizers = [obj for obj in registered.values() if isinstance(obj, torch.optim.Optimizer)]
-        others = sorted(set(registered) - set(models) - {n for n, o in registered.items() if o in optimizers})
-        if len(models) != 1 or others:
-            raise ValueError(f"a sharded checkpoint keeps one model and its optimizers in its shards; the state "
-                             f"of {sorted(registered)} is not in its payload")
+        others = {name: obj for name, obj in registered.items()
+                  if name not in models and not isinstance(obj, torch.optim.Optimizer)}
+        if len(models) != 1:
+            raise ValueError(f"a sharded checkpoint keeps one model in its shards; {sorted(models) or 'none'} "
+                             f"of {sorted(registered)} are models")
         from harness.strategy import dcp_state  # torch.distributed.checkpoint: only when used
 
         (name, model), = models.items()
-        dcp_state.load(folder, model, name, optimizers)
+        dcp_state.load(folder, model, name, optimizers, others)
 
     def load_full(self, states: dict[str, dict]) -> None:
         return None  # nothing adopted: the registry restores everything from the payload

@@ -55,6 +55,11 @@ HF = Example("hf", (
     "task=hf_gpt2", "trainer.accumulate=2", "trainer.precision=bf16",
     "trainer.clip_grad_norm=1.0", "trainer.eval_every=10", "checkpoint.every_steps=20",
     "checkpoint.keep_last=0"), steps=80, stop_after=24, config_dir="examples/hf/conf")
+# The same model under trainer.strategy=fsdp: each GPT2Block sharded, then the root (embeddings, the
+# tied LM head); bf16 is FSDP2's MixedPrecisionPolicy. The stop is agreed at the step it is sent.
+HF_FSDP = Example("hf-fsdp", (*HF.overrides, "trainer.strategy=fsdp", "trainer.fsdp_shard=[GPT2Block]",
+                              "preempt.check_every=1"), steps=HF.steps, stop_after=HF.stop_after,
+                  config_dir=HF.config_dir)
 # 1024 samples / (2 ranks * 16) = 32 steps per epoch: the stops land mid-epoch, with workers running.
 CNN = Example("cnn", (
     "task=cnn_aug", "trainer.eval_every=16", "checkpoint.every_steps=16",
@@ -169,6 +174,25 @@ def test_hf_model_from_config_resumes_bit_exactly_after_sigterm(tmp_path, hf_ref
     assert_same_run(ckpt_dir, hf_reference, HF.steps)
     state = newest_payload(ckpt_dir)["state"]
     assert "transformer.h.0.attn.c_attn.weight" in state["model"], "the GPT2LMHeadModel's own keys"
+
+
+def test_hf_model_under_fsdp_resumes_bit_exactly_after_sigterm(tmp_path_factory, tmp_path):
+    """The Hugging Face example sharded with FSDP2, stopped by SIGTERM to rank 1 and relaunched: its
+    shards (model with the tied embedding/LM head, AdamW state; unsharded) and the payload (scheduler,
+    progress) equal an uninterrupted fsdp run's, and so does every logged loss."""
+    from harness.strategy.fsdp import read_full_state
+
+    require_module("transformers", "the Hugging Face example needs transformers (pip install -e .[dev])")
+    reference = reference_run(HF_FSDP, tmp_path_factory)
+    ckpt_dir = sigterm_rank1_then_relaunch(HF_FSDP, tmp_path)
+    assert_same_run(ckpt_dir, reference, HF_FSDP.steps)
+    shards = [folder / f"step_{HF_FSDP.steps:09d}" / "shards" for folder in (ckpt_dir, reference)]
+    run_state, ref_state = (read_full_state(str(folder)) for folder in shards)
+    assert_tensors_equal(run_state, ref_state, "shards")
+    assert set(newest_payload(ckpt_dir)["state"]) == {"scheduler"}  # model and optimizer are in the shards
+    model = run_state["model"]
+    assert "transformer.h.0.attn.c_attn.weight" in model, "the GPT2LMHeadModel's own keys"
+    assert torch.equal(model["lm_head.weight"], model["transformer.wte.weight"])  # still tied
 
 
 # ----- examples/cnn: random augmentation in DataLoader workers --------------------------------------

@@ -126,11 +126,16 @@ def test_sigterm_to_one_rank_exits_75_and_resumes_bit_exact(tmp_path, fsdp_refer
 THREE_RANKS = (*FSDP, "launcher.nproc_per_node=3", "task.batch_size=16")
 
 
-def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_3_reference(tmp_path_factory) -> Path:
+    return uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
+
+
+def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(fsdp_3_reference, tmp_path):
     """Uneven shards (128 rows over 3 ranks: 43, 43, 42) and 3 RNG streams, stopped by SIGTERM to
     rank 2 alone, end where an uninterrupted 3-rank run ends (the control pair above shows the
     comparison can fail)."""
-    reference = uninterrupted_run(tmp_path_factory, "fsdp-3-reference", *THREE_RANKS)
+    reference = fsdp_3_reference
     ckpt_dir = _sigterm_one_rank_then_resume(tmp_path, THREE_RANKS, rank=2, nproc=3)
     assert len(_final_state(ckpt_dir)[1]["rng"]) == 3
     _assert_same_training(ckpt_dir, reference)
@@ -178,13 +183,18 @@ def test_resume_from_rewritten_shards_matches_only_when_the_optimizer_state_is_k
             _assert_same_training(ckpt_dir, fsdp_reference)
 
 
-def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp_path, fsdp_reference, capsys):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp_path, request, capsys, ranks):
+    """SIGKILL of the whole job twice at random instants (inside saves too), then a relaunch: the
+    newest valid checkpoint is chosen by all ranks and the run ends bit for bit; on 3 ranks the
+    shards are uneven and 3 ranks must agree on which checkpoint is valid."""
+    reference = request.getfixturevalue("fsdp_reference" if ranks == 2 else "fsdp_3_reference")
     ckpt_dir = tmp_path / "ckpt"
     rng = random.Random(22)
-    overrides = (*FSDP, "checkpoint.every_steps=3")  # saves are frequent, so kills land inside them too
+    overrides = (*(FSDP if ranks == 2 else THREE_RANKS), "checkpoint.every_steps=3")  # kills land inside saves too
     for attempt in range(2):
         launcher = start_launch(ckpt_dir, *overrides)
-        worker_pids(launcher)
+        worker_pids(launcher, ranks)
         done_before = max(metrics(ckpt_dir), default=0)
         wait_for(lambda: max(metrics(ckpt_dir), default=0) > done_before + 3, what="progress")
         time.sleep(rng.uniform(0.0, 0.25))
@@ -196,7 +206,7 @@ def test_sigkill_at_random_instants_resumes_from_the_newest_valid_checkpoint(tmp
     result = run_launch(ckpt_dir, *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout
-    _assert_same_training(ckpt_dir, fsdp_reference)
+    _assert_same_training(ckpt_dir, reference)
 
 
 def test_a_corrupt_shard_fails_verify_and_resume_falls_back(tmp_path, fsdp_reference, capsys):
@@ -213,6 +223,27 @@ def test_a_corrupt_shard_fails_verify_and_resume_falls_back(tmp_path, fsdp_refer
     result = run_launch(ckpt_dir, *FSDP)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"skipping corrupt checkpoint {ckpt_dir}/step_{FSDP_STEPS:09d}" in result.stderr
+    assert f"resumed from {ckpt_dir}/step_000000040 at step 40" in result.stdout
+    _assert_same_training(ckpt_dir, fsdp_reference)
+
+
+@pytest.mark.parametrize("owner", [0, 1])
+def test_each_rank_verifies_its_own_shard_and_all_fall_back_together(tmp_path, fsdp_reference, owner):
+    """At resume the shard file of rank r is verified by rank r (not all by rank 0): a flipped byte in
+    the newest checkpoint's file of either rank is reported by that rank, and both ranks skip the
+    checkpoint together and end bit for bit where the reference ends."""
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(fsdp_reference, ckpt_dir)
+    shard = _step_dir(ckpt_dir, FSDP_STEPS) / "shards" / f"__{owner}_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = run_launch(ckpt_dir, *FSDP)
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = [line for line in result.stderr.splitlines()
+               if f"skipping corrupt checkpoint {ckpt_dir}/step_{FSDP_STEPS:09d}" in line]
+    assert len(skipped) == 1, result.stderr  # rank 0 warns once, for both ranks
+    assert f"rank {owner}: step_{FSDP_STEPS:09d}/shards/__{owner}_0.distcp" in skipped[0], skipped[0]
     assert f"resumed from {ckpt_dir}/step_000000040 at step 40" in result.stdout
     _assert_same_training(ckpt_dir, fsdp_reference)
 
@@ -268,6 +299,39 @@ def test_bf16_accumulation_clipping_and_eval_resume_bit_exact(tmp_path_factory, 
     assert full["model"]["head.weight"].dtype == torch.float32  # bf16 for compute, fp32 kept and saved
 
 
+# fp16 as FSDP2's MixedPrecisionPolicy with torch's GradScaler on sharded gradients, a loss that
+# overflows at the initial scale (so the scale changes, and a skipped step must be skipped on every
+# rank), and an EMA whose shadow is sharded like the model and evaluated every 8 steps.
+FP16_EMA = (*FSDP, "trainer.precision=fp16", "task.loss=tests.tasks.loss_for_controls", "trainer.ema_decay=0.9",
+            "trainer.eval_every=8", "trainer.eval_ema=true", EVAL_DATA)
+
+
+def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path):
+    """SIGTERM to rank 1 of an fp16 + EMA run, resumed: the EMA lives in the shards (each rank wrote
+    its part of it), the scaler in the payload, and model, optimizer, EMA, scaler and every logged
+    loss (the EMA's evaluation included) equal an uninterrupted run's."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-fp16-ema-reference", *FP16_EMA)
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
+                                        *FP16_EMA, after_step=12)
+    assert code == 75, output
+    stopped = steps_with_saves(ckpt_dir)[-1]
+    result = run_launch(ckpt_dir, *FP16_EMA)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in result.stdout
+    _assert_same_training(ckpt_dir, reference)
+    full, payload = _final_state(ckpt_dir)
+    assert set(full) == {"model", "optimizer", "ema"} and set(payload["state"]) == {"scheduler", "scaler"}
+    assert set(full["ema"]["shadow"]) == set(full["model"])
+    assert not torch.equal(full["ema"]["shadow"]["head.weight"], full["model"]["head.weight"])  # an average
+    assert payload["state"]["scaler"]["scale"] < 65536.0  # the overflowing loss lowered the scale
+    run_rows, ref_rows = metrics(ckpt_dir), metrics(reference)
+    evaluated = {step: (row["val_loss"], row["val_loss_ema"]) for step, row in run_rows.items() if "val_loss_ema" in row}
+    assert sorted(evaluated) == list(range(8, FSDP_STEPS + 1, 8))
+    assert evaluated == {step: (row["val_loss"], row["val_loss_ema"]) for step, row in ref_rows.items()
+                         if "val_loss_ema" in row}
+    assert all(model != ema for model, ema in evaluated.values())  # the EMA's weights, not the model's
+
+
 # ----- ddp <-> fsdp ---------------------------------------------------------------------------------
 # On 2 CPU ranks over gloo, ddp and fsdp training of this model are bit-identical (a two-term sum
 # does not depend on reduction order, and halving is exact): measured, and what makes the exact
@@ -320,6 +384,24 @@ def test_a_run_resumed_under_the_other_strategy_continues_exactly(tmp_path, fsdp
     assert f"resumed from {ckpt_dir}/step_{stopped:09d} at step {stopped}" in out
     assert f"written with trainer.strategy={first}, this run uses trainer.strategy={then}" in out, out
     _assert_same_full_training(ckpt_dir, fsdp_reference)
+
+
+@pytest.mark.parametrize("first, then", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_an_ema_resumed_under_the_other_strategy_continues_exactly(tmp_path_factory, tmp_path, first, then):
+    """The EMA crosses strategies too: a ddp payload's full shadow is cut into each rank's shards,
+    a sharded shadow is read whole into a ddp run, and the run ends where an uninterrupted fsdp run
+    with the same EMA ends, bit for bit (EMA included)."""
+    ema = ("trainer.ema_decay=0.9",)
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-ema-reference", *FSDP, *ema)
+    legs = {"ddp": (*DDP, *ema), "fsdp": (*FSDP, *ema)}
+    ckpt_dir, output, code = signal_job(tmp_path, lambda launcher, pids: os.kill(pids[1], signal.SIGTERM),
+                                        *legs[first], after_step=12)
+    assert code == 75, output
+    result = run_launch(ckpt_dir, *legs[then], "trainer.strategy=" + then)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"this run uses trainer.strategy={then}" in result.stdout + result.stderr
+    _assert_same_full_training(ckpt_dir, reference)
+    assert "ema" in _full_training_state(ckpt_dir)["state"]
 
 
 @pytest.mark.parametrize("source, target", [("ddp", "fsdp"), ("fsdp", "ddp")])

@@ -28,8 +28,7 @@ def _config(**trainer) -> dict:
 @pytest.mark.parametrize("trainer, checkpoint, message", [
     ({"strategy": "zero3"}, {}, "trainer.strategy='zero3' is invalid"),
     ({"fsdp_shard": ["Block"]}, {}, "applies to trainer.strategy=fsdp only"),
-    ({"strategy": "fsdp", "precision": "fp16"}, {}, "trainer.precision=bf16"),
-    ({"strategy": "fsdp", "ema_decay": 0.9}, {}, "trainer.ema_decay is not supported"),
+    ({"strategy": "fsdp", "eval_ema": True, "eval_every": 5}, {}, "trainer.eval_ema=true evaluates the EMA"),
     ({"strategy": "fsdp"}, {"async_save": True}, "checkpoint.async_save=true is not supported"),
     ({"strategy": "fsdp"}, {"staging_dir": "/tmp/x"}, "checkpoint.staging_dir is not supported"),
     ({"strategy": "fsdp", "fsdp_shard": ["not a name"]}, {}, "trainer.fsdp_shard"),
@@ -37,6 +36,11 @@ def _config(**trainer) -> dict:
 def test_fsdp_options_it_cannot_honour_are_refused_at_start_naming_the_key(trainer, checkpoint, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         validate({**_config(**trainer), "checkpoint": checkpoint})
+
+
+def test_fsdp_takes_fp16_and_an_evaluated_ema():
+    cfg = validate(_config(strategy="fsdp", precision="fp16", ema_decay=0.9, eval_every=5, eval_ema=True))
+    assert cfg.trainer.precision == "fp16" and cfg.trainer.eval_ema
 
 
 def test_fsdp_with_bf16_and_named_blocks_is_a_valid_config():
