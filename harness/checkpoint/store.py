@@ -213,7 +213,8 @@ class CheckpointStore:
         harness.checkpoint.manifest), or a step that is not the one the folder's name says (a copy
         or a link under another name). Such a folder is neither loaded, nor counted, nor deleted."""
         try:
-            data = retried(lambda: self.storage.read_bytes(manifest_path(name)), f"reading {self.root}/{manifest_path(name)}")
+            data = retried(lambda: self.storage.read_bytes(manifest_path(name)),
+                           f"reading {self.root}/{manifest_path(name)}")
         except FileNotFoundError:
             return None, None
         except OSError as error:
