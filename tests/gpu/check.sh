@@ -5,7 +5,10 @@
 #    relaunch, final state bit-identical to an uninterrupted run (same GPU, deterministic kernels).
 # 2. Placement: the payload loads on the CPU and every module/optimizer tensor lands on cuda:<local_rank>;
 #    Adam's `step` counters stay on the CPU; a CPU-saved checkpoint resumes on the GPU and vice versa.
-# 3. The pinned async snapshot (side CUDA stream), blocking / durable / effective stall for 1B and 7B
+# 3. FSDP2 on NCCL: the same 1-GPU job with trainer.strategy=fsdp (bf16 policy), SIGTERM mid-run, exit 75,
+#    relaunch; the shards (unsharded) and the payload end bit-identical to an uninterrupted fsdp run,
+#    and the sharded parameters live on cuda:0.
+# 4. The pinned async snapshot (side CUDA stream), blocking / durable / effective stall for 1B and 7B
 #    states against DCP async_save: `python -m benchmarks.gpu` (its report is printed as JSON).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -92,11 +95,37 @@ results["cpu_saved_resumes_on_gpu"] = (job.returncode == 75 and r3.returncode ==
 # The reverse: the GPU run's file loads on the CPU.
 cpu = payload_of(os.path.join(run, "step_000000400"))
 results["gpu_file_loads_on_cpu"] = all(t.device.type == "cpu" for t in cpu["state"]["model"].values())
+# FSDP2 over NCCL on this GPU: sharded checkpoints, stopped and resumed bit for bit.
+from harness.strategy.fsdp import read_full_state
+fsdp = ["trainer.strategy=fsdp", "trainer.precision=bf16", "preempt.check_every=1"]
+
+def newest_step_dir(ckpt):
+    return os.path.join(ckpt, sorted(p for p in os.listdir(ckpt) if p.startswith("step_"))[-1])
+
+fsdp_ref = os.path.join(work, "fsdp-ref"); r = launch(fsdp_ref, *fsdp)
+results["fsdp_uninterrupted_exit"] = r.returncode
+fsdp_run = os.path.join(work, "fsdp-run"); job = launch(fsdp_run, *fsdp, wait=False)
+deadline = time.time() + 180
+while time.time() < deadline and not os.path.exists(os.path.join(fsdp_run, "step_000000200")):
+    time.sleep(0.1)
+job.send_signal(signal.SIGTERM); fsdp_out = job.communicate(timeout=120)[0]
+results["fsdp_sigterm_exit"] = job.returncode
+r4 = launch(fsdp_run, *fsdp)
+results["fsdp_resume_exit"] = r4.returncode
+if r.returncode == 0 and r4.returncode == 0:
+    run_dir, ref_dir = newest_step_dir(fsdp_run), newest_step_dir(fsdp_ref)
+    results["fsdp_bit_identical_after_sigterm"] = (
+        same(read_full_state(os.path.join(run_dir, "shards")), read_full_state(os.path.join(ref_dir, "shards")))
+        and same(payload_of(run_dir)["state"], payload_of(ref_dir)["state"]))
+else:
+    results["fsdp_bit_identical_after_sigterm"] = False
+    print(fsdp_out[-1500:]); print(r4.stdout[-1500:], r4.stderr[-1500:])
 print(json.dumps(results, indent=1))
 ok = (results["sigterm_exit"] == 75 and results["resume_exit"] == 0 and results["bit_identical_after_sigterm"]
       and results["params_on"] == ["cuda:0"] and results["adam_state_on"] == ["cuda:0"]
       and results["adam_step_on"] == ["cpu"] and results["gpu_file_loads_on_cpu"]
-      and results["cpu_saved_resumes_on_gpu"])
+      and results["cpu_saved_resumes_on_gpu"] and results["fsdp_sigterm_exit"] == 75
+      and results["fsdp_resume_exit"] == 0 and results["fsdp_bit_identical_after_sigterm"])
 print("[gpu-check]", "PASSED" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 PY
