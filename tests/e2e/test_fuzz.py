@@ -16,6 +16,7 @@ sys.path.insert(0, str(FUZZ))
 import fuzz  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_random_faults_never_lose_a_committed_checkpoint_and_relaunches_end_bit_identical(tmp_path, capsys):
     seed = int(os.environ.get("HARNESS_FUZZ_SEED", "2026"))
