@@ -651,9 +651,9 @@ def measure_restart(shape: ModelShape, reps: int) -> dict:
 
 
 # A relaunch and its floor, each a fresh interpreter that rendezvouses over TCP (a gloo group of one)
-# and all-reduces once; the relaunch then resumes the bench's checkpoint through a Session (verify,
-# load, the model built with random init as in a user's script) and runs one step. Each prints the
-# wall time at which it got there.
+# and all-reduces once; the relaunch then resumes the bench's checkpoint through a Session (model
+# built with random init as in a user's script, verify, load) until its first resumed batch is in
+# hand, and runs that step. Each prints the wall time at which it was ready to train.
 _RELAUNCH_CHILD = """
 import datetime, json, sys, time
 import torch, torch.distributed as dist
@@ -662,11 +662,11 @@ torch.set_num_threads(int(sys.argv[3]))
 dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
                         timeout=datetime.timedelta(seconds=120))
 dist.all_reduce(torch.zeros(1))
-resumed = None
+found = {"ready_wall": time.time(), "resumed": None, "step_s": None}
 if mode == "resume":
     from benchmarks.bench import resume_one_step
-    resumed = resume_one_step(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
-print(json.dumps({"ready_wall": time.time(), "resumed": resumed}), flush=True)
+    found = resume_one_step(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+print(json.dumps(found), flush=True)
 dist.destroy_process_group()
 """
 
@@ -683,9 +683,12 @@ def make_relaunch_checkpoint(trainer: Trainer, folder: str) -> int:
     return session.checkpoints.writer.last_ref.step
 
 
-def resume_one_step(folder: str, width: int, layers: int) -> Optional[int]:
+def resume_one_step(folder: str, width: int, layers: int) -> dict:
     """In a relaunched process: the user's script up to its first resumed step (model and optimizer
-    built as usual, the Session restores them, one real step). Returns the step resumed from."""
+    built as usual; the Session restores them when the first batch is asked for), then that step.
+    Returns ``ready_wall`` (wall time when the first resumed batch was in hand: the restart's cost
+    ends there, the step itself an uninterrupted run pays too), ``resumed`` (the step resumed
+    from) and ``step_s`` (the first step's own time)."""
     session = _session(folder, every_steps=10**9, max_steps=10**9)
     model = session.prepare(build_model(width, layers))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -693,19 +696,22 @@ def resume_one_step(folder: str, width: int, layers: int) -> Optional[int]:
     data = TensorDataset(torch.randn(BATCH_ROWS * 64, width))
     batches = session.batches(session.loader(data, batch_size=BATCH_ROWS))
     (batch,) = next(batches)
+    ready_wall = time.time()
+    started = time.perf_counter()
     loss = model(batch).pow(2).mean()
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
     optimizer.step()
     session.log(loss=loss.detach())
+    step_s = time.perf_counter() - started
     resumed = session.resumed_from
     batches.close()
     session.close()
-    return None if resumed is None else resumed.step
+    return {"ready_wall": ready_wall, "resumed": None if resumed is None else resumed.step, "step_s": step_s}
 
 
-def _relaunch(mode: str, extra: list[str]) -> tuple[float, Optional[int]]:
-    """(seconds from launch to the child's end point, the step it resumed from)."""
+def _relaunch(mode: str, extra: list[str]) -> dict:
+    """The child's report, its ``ready_wall`` turned into ``ready_s``: seconds since its launch."""
     launched = time.time()
     out = subprocess.run([sys.executable, "-c", _RELAUNCH_CHILD, str(free_port()), mode,
                           str(torch.get_num_threads()), *extra], capture_output=True, text=True,
@@ -713,31 +719,35 @@ def _relaunch(mode: str, extra: list[str]) -> tuple[float, Optional[int]]:
     if out.returncode != 0:
         raise RuntimeError(f"the {mode} child exited {out.returncode}: {out.stderr[-2000:]}")
     child = json.loads(out.stdout.strip().splitlines()[-1])
-    return child["ready_wall"] - launched, child["resumed"]
+    child["ready_s"] = child.pop("ready_wall") - launched
+    return child
 
 
 def measure_relaunch(shape: ModelShape, folder: str, step: int, reps: int, notes: list[str]) -> dict:
-    """Relaunch -> first resumed step, against the bare-interpreter floor (interpreter, ``import
-    torch``, TCP rendezvous, one all-reduce), alternated rep by rep. The relaunch of each rep runs
-    twice: after the page cache is dropped (a new node: ``relaunch_resume_s``) and again with the
-    payload cached (the same node: ``relaunch_resume_warm_s``)."""
-    floors, cold, warm = [], [], []
+    """Relaunch -> first resumed step in hand (state restored), against the bare-interpreter floor
+    (interpreter, ``import torch``, TCP rendezvous, one all-reduce), alternated rep by rep. The
+    relaunch of each rep runs twice: after the page cache is dropped (a new node:
+    ``relaunch_resume_s``) and again with the payload cached (the same node:
+    ``relaunch_resume_warm_s``). ``relaunch_step_s``: that first step's own time (not counted)."""
+    floors, cold, warm, steps = [], [], [], []
     extra = [folder, str(shape.width), str(shape.layers)]
     dropped = True
     for _ in range(reps):
-        floors.append(_relaunch("floor", [])[0])
+        floors.append(_relaunch("floor", [])["ready_s"])
         dropped = drop_page_cache() and dropped
         for times in (cold, warm):
-            seconds, resumed = _relaunch("resume", extra)
-            if resumed != step:
-                raise RuntimeError(f"the relaunch resumed from {resumed}, not from step {step}")
-            times.append(seconds)
+            child = _relaunch("resume", extra)
+            if child["resumed"] != step:
+                raise RuntimeError(f"the relaunch resumed from {child['resumed']}, not from step {step}")
+            times.append(child["ready_s"])
+            steps.append(child["step_s"])
     if not dropped:
         notes.append("page cache could not be dropped: relaunch_resume_s is warm")
     result: dict[str, Any] = {"relaunch_cold": dropped}
     put(result, "relaunch_floor_s", floors)
     put(result, "relaunch_resume_s", cold)
     put(result, "relaunch_resume_warm_s", warm)
+    put(result, "relaunch_step_s", steps)
     return result
 
 
@@ -943,8 +953,9 @@ ROWS = (
     ("signal -> committed", "signal_to_commit_s", "s"), ("restart fixed cost", "restart_fixed_s", "s"),
     ("restart fixed, meta init", "restart_fixed_meta_s", "s"),
     ("relaunch floor: interpreter + torch + rendezvous", "relaunch_floor_s", "s"),
-    ("relaunch -> first resumed step (cold cache)", "relaunch_resume_s", "s"),
-    ("relaunch -> first resumed step (warm cache)", "relaunch_resume_warm_s", "s"),
+    ("relaunch -> first resumed batch (cold cache)", "relaunch_resume_s", "s"),
+    ("relaunch -> first resumed batch (warm cache)", "relaunch_resume_warm_s", "s"),
+    ("relaunch: the first resumed step itself", "relaunch_step_s", "s"),
     ("disk write O_DIRECT (GB/s)", "disk_write_GBps", "{:.2f}"),
     ("disk read O_DIRECT (GB/s)", "disk_read_GBps", "{:.2f}"),
     ("harness / torch.save", "harness_over_torch_save", "{:.2f}"),
