@@ -5,7 +5,8 @@
 For each model size (a stack of ``nn.Linear`` layers whose AdamW state is populated by one step) it
 measures plain ``torch.save``, the harness's synchronous and asynchronous writers, DCP's
 ``async_save``, the training-step slowdown while a background write is in flight, cold load, the
-harness loop's per-step overhead, signal-to-commit latency and the fixed cost of a restart. The disk
+harness loop's per-step overhead, signal-to-commit latency, the fixed cost of a restart and a
+relaunch to its first resumed batch against a bare interpreter's start and rendezvous. The disk
 is measured once (buffered + fsync, and O_DIRECT with several requests in flight) so each save can be
 compared with what the device allows. Times are medians over ``--reps`` with ``_min``/``_max`` beside
 them; results are printed as a table and written as JSON (``--json``).
