@@ -5,7 +5,8 @@
 For each model size (a stack of ``nn.Linear`` layers whose AdamW state is populated by one step) it
 measures plain ``torch.save``, the harness's synchronous and asynchronous writers, DCP's
 ``async_save``, the training-step slowdown while a background write is in flight, cold load, the
-harness loop's per-step overhead, signal-to-commit latency and the fixed cost of a restart. The disk
+harness loop's per-step overhead, signal-to-commit latency, the fixed cost of a restart and a
+relaunch to its first resumed batch against a bare interpreter's start and rendezvous. The disk
 is measured once (buffered + fsync, and O_DIRECT with several requests in flight) so each save can be
 compared with what the device allows. Times are medians over ``--reps`` with ``_min``/``_max`` beside
 them; results are printed as a table and written as JSON (``--json``).
@@ -59,13 +60,14 @@ CHUNK = 8 << 20  # bytes per disk request
 DIRECT_IN_FLIGHT = 4  # O_DIRECT requests in flight (threads), see FIELD-NOTES: 1.5-1.67 GB/s
 BATCH_ROWS = 8  # rows per training batch; the step is dominated by the weights, not the batch
 DROP_CACHES = "/proc/sys/vm/drop_caches"
+CHILD_TIMEOUT_S = 900  # a relaunch child that takes longer is reported as a failure, not waited on
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so children import harness
 
 # Keys every size reports (seconds unless the name says otherwise); the smoke test checks them.
 SIZE_KEYS = (
     "torch_save_s", "sync_save_s", "async_block_s", "async_commit_s", "dcp_async_block_s",
     "effective_stall_s", "step_s", "memcpy_s", "load_s", "disk_write_GBps", "disk_read_GBps",
-    "step_overhead_ratio", "signal_to_commit_s", "restart_fixed_s",
+    "step_overhead_ratio", "signal_to_commit_s", "restart_fixed_s", "relaunch_floor_s", "relaunch_resume_s",
 )
 
 # The targets the harness is held to: (metric, comparison, bound, what it means).
@@ -75,6 +77,8 @@ TARGETS = (
     ("sync_save_disk_fraction", ">=", 0.8, "sync durable save >= 80% of O_DIRECT write bandwidth"),
     ("load_disk_fraction", ">=", 0.8, "cold verify + load >= 80% of a cold read of the payload file"),
     ("step_overhead_ratio", "<", 0.01, "harness loop step overhead < 1%"),
+    ("relaunch_over_floor", "<=", 1.2, "relaunch -> first resumed batch <= 1.2 x a bare interpreter's "
+                                       "start, rendezvous and all-reduce"),
 )
 # What each target's [min-max] is computed from: (numerator key, denominator key, invert). The spread
 # of a ratio is the spread of its measured side over the median of the other.
@@ -84,6 +88,7 @@ TARGET_SPREAD = {
     "sync_save_disk_fraction": ("sync_save_s", None, True),
     "load_disk_fraction": ("resume_read_s", None, True),
     "step_overhead_ratio": (None, None, False),
+    "relaunch_over_floor": ("relaunch_resume_s", "relaunch_floor_s", False),
 }
 
 
@@ -647,6 +652,107 @@ def measure_restart(shape: ModelShape, reps: int) -> dict:
     return result
 
 
+# A relaunch and its floor, each a fresh interpreter that rendezvouses over TCP (a gloo group of one)
+# and all-reduces once; the relaunch then resumes the bench's checkpoint through a Session (model
+# built with random init as in a user's script, verify, load) until its first resumed batch is in
+# hand, and runs that step. Each prints the wall time at which it was ready to train.
+_RELAUNCH_CHILD = """
+import datetime, json, sys, time
+import torch, torch.distributed as dist
+port, mode = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(int(sys.argv[3]))
+dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
+                        timeout=datetime.timedelta(seconds=120))
+dist.all_reduce(torch.zeros(1))
+found = {"ready_wall": time.time(), "resumed": None, "step_s": None}
+if mode == "resume":
+    from benchmarks.bench import resume_one_step
+    found = resume_one_step(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+print(json.dumps(found), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def make_relaunch_checkpoint(trainer: Trainer, folder: str) -> int:
+    """A Session checkpoint of ``trainer``'s state in ``folder`` (one step, then a synchronous save):
+    what a relaunch resumes from. Returns its step."""
+    session = _session(folder, every_steps=1, max_steps=1)
+    with session:
+        session.prepare(trainer.model)
+        session.register(optimizer=trainer.optimizer)
+        for (batch,) in session.batches(session.loader(_dataset(trainer), batch_size=BATCH_ROWS)):
+            session.log(loss=trainer.step(batch))
+    return session.checkpoints.writer.last_ref.step
+
+
+def resume_one_step(folder: str, width: int, layers: int) -> dict:
+    """In a relaunched process: the user's script up to its first resumed step (model and optimizer
+    built as usual; the Session restores them when the first batch is asked for), then that step.
+    Returns ``ready_wall`` (wall time when the first resumed batch was in hand: the restart's cost
+    ends there, the step itself an uninterrupted run pays too), ``resumed`` (the step resumed
+    from) and ``step_s`` (the first step's own time)."""
+    session = _session(folder, every_steps=10**9, max_steps=10**9)
+    model = session.prepare(build_model(width, layers))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    session.register(optimizer=optimizer)
+    data = TensorDataset(torch.randn(BATCH_ROWS * 64, width))
+    batches = session.batches(session.loader(data, batch_size=BATCH_ROWS))
+    (batch,) = next(batches)
+    ready_wall = time.time()
+    started = time.perf_counter()
+    loss = model(batch).pow(2).mean()
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+    session.log(loss=loss.detach())
+    step_s = time.perf_counter() - started
+    resumed = session.resumed_from
+    batches.close()
+    session.close()
+    return {"ready_wall": ready_wall, "resumed": None if resumed is None else resumed.step, "step_s": step_s}
+
+
+def _relaunch(mode: str, extra: list[str]) -> dict:
+    """The child's report, its ``ready_wall`` turned into ``ready_s``: seconds since its launch."""
+    launched = time.time()
+    out = subprocess.run([sys.executable, "-c", _RELAUNCH_CHILD, str(free_port()), mode,
+                          str(torch.get_num_threads()), *extra], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=CHILD_TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {mode} child exited {out.returncode}: {out.stderr[-2000:]}")
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    child["ready_s"] = child.pop("ready_wall") - launched
+    return child
+
+
+def measure_relaunch(shape: ModelShape, folder: str, step: int, reps: int, notes: list[str]) -> dict:
+    """Relaunch -> first resumed step in hand (state restored), against the bare-interpreter floor
+    (interpreter, ``import torch``, TCP rendezvous, one all-reduce), alternated rep by rep. The
+    relaunch of each rep runs twice: after the page cache is dropped (a new node:
+    ``relaunch_resume_s``) and again with the payload cached (the same node:
+    ``relaunch_resume_warm_s``). ``relaunch_step_s``: that first step's own time (not counted)."""
+    floors, cold, warm, steps = [], [], [], []
+    extra = [folder, str(shape.width), str(shape.layers)]
+    dropped = True
+    for _ in range(reps):
+        floors.append(_relaunch("floor", [])["ready_s"])
+        dropped = drop_page_cache() and dropped
+        for times in (cold, warm):
+            child = _relaunch("resume", extra)
+            if child["resumed"] != step:
+                raise RuntimeError(f"the relaunch resumed from {child['resumed']}, not from step {step}")
+            times.append(child["ready_s"])
+            steps.append(child["step_s"])
+    if not dropped:
+        notes.append("page cache could not be dropped: relaunch_resume_s is warm")
+    result: dict[str, Any] = {"relaunch_cold": dropped}
+    put(result, "relaunch_floor_s", floors)
+    put(result, "relaunch_resume_s", cold)
+    put(result, "relaunch_resume_warm_s", warm)
+    put(result, "relaunch_step_s", steps)
+    return result
+
+
 def _agree_worker(rank: int, port: int, calls: int, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
@@ -695,6 +801,7 @@ def bench_size(shape: ModelShape, reps: int, folder: str, disk: dict, notes: lis
                               "batch_rows": BATCH_ROWS,
                               "state_bytes": state_nbytes(trainer.payload(0))}
     store = CheckpointStore(LocalStorage(os.path.join(folder, "harness")))
+    relaunch_folder = os.path.join(folder, "relaunch")
     phases: list[tuple[str, Callable[[], dict]]] = [
         ("step", lambda: _steps(trainer, max(3, reps + 2))),
         ("memcpy", lambda: measure_memcpy(trainer, reps)),
@@ -705,6 +812,7 @@ def bench_size(shape: ModelShape, reps: int, folder: str, disk: dict, notes: lis
         ("step overhead", lambda: measure_step_overhead(trainer, os.path.join(folder, "overhead"),
                                                          pairs=max(3, 2 * reps))),
         ("signal to commit", lambda: measure_signal_to_commit(trainer, folder, max(1, reps // 2))),
+        ("relaunch checkpoint", lambda: {"relaunch_step": make_relaunch_checkpoint(trainer, relaunch_folder)}),
         ("cold load", lambda: measure_load(trainer, store, reps, notes)),
     ]
     for name, phase in phases:
@@ -715,7 +823,11 @@ def bench_size(shape: ModelShape, reps: int, folder: str, disk: dict, notes: lis
     del trainer, phases
     gc.collect()
     result.update(measure_restart(shape, max(1, min(reps, 2))))
+    started = time.perf_counter()
+    result.update(measure_relaunch(shape, relaunch_folder, result["relaunch_step"], reps, notes))
+    say(f"{shape.label}: relaunch done in {time.perf_counter() - started:.1f}s")
     shutil.rmtree(store.root, ignore_errors=True)
+    shutil.rmtree(relaunch_folder, ignore_errors=True)
     result["disk_write_GBps"] = disk["disk_write_GBps"]
     result["disk_read_GBps"] = disk["disk_read_GBps"]
     result.update(ratios(result))
@@ -742,6 +854,8 @@ def ratios(result: dict) -> dict:
         "load_disk_fraction": result["payload_cold_read_s"] / result["resume_read_s"],
         "memcpy_GBps": result["state_bytes"] / GB / result["memcpy_s"],
         "async_peak_extra_host_bytes": result["async_snapshot_nbytes"],
+        "relaunch_over_floor": result["relaunch_resume_s"] / result["relaunch_floor_s"],
+        "relaunch_warm_over_floor": result["relaunch_resume_warm_s"] / result["relaunch_floor_s"],
     }
 
 
@@ -840,6 +954,10 @@ ROWS = (
     ("cold load without checksum", "load_s", "s"),
     ("signal -> committed", "signal_to_commit_s", "s"), ("restart fixed cost", "restart_fixed_s", "s"),
     ("restart fixed, meta init", "restart_fixed_meta_s", "s"),
+    ("relaunch floor: interpreter + torch + rendezvous", "relaunch_floor_s", "s"),
+    ("relaunch -> first resumed batch (cold cache)", "relaunch_resume_s", "s"),
+    ("relaunch -> first resumed batch (warm cache)", "relaunch_resume_warm_s", "s"),
+    ("relaunch: the first resumed step itself", "relaunch_step_s", "s"),
     ("disk write O_DIRECT (GB/s)", "disk_write_GBps", "{:.2f}"),
     ("disk read O_DIRECT (GB/s)", "disk_read_GBps", "{:.2f}"),
     ("harness / torch.save", "harness_over_torch_save", "{:.2f}"),
@@ -850,6 +968,8 @@ ROWS = (
     ("checksum + load / cold read of the payload", "load_disk_fraction", "{:.2f}"),
     ("snapshot copy (GB/s)", "memcpy_GBps", "{:.2f}"),
     ("loop step overhead", "step_overhead_ratio", "{:+.2%}"),
+    ("relaunch / floor (cold cache)", "relaunch_over_floor", "{:.2f}"),
+    ("relaunch warm / floor", "relaunch_warm_over_floor", "{:.2f}"),
     ("async snapshot host memory (GB)", "async_snapshot_nbytes", "gb"),
 )
 

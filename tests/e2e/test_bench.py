@@ -30,7 +30,11 @@ def test_bench_writes_every_key_as_a_number_for_each_size(tmp_path):
             assert value > 0, (key, value)
     assert result["async_snapshot_nbytes"] >= result["params"] * 4 * 3  # params + two AdamW moments
     assert {check["metric"] for check in report["targets"]} >= {"async_block_over_torch_save",
-                                                               "step_overhead_ratio"}
+                                                               "step_overhead_ratio", "relaunch_over_floor"}
+    # The relaunch figure (issue 23, item 5): a fresh process that resumed the bench's checkpoint
+    # and stepped once, against a bare interpreter's start, rendezvous and all-reduce.
+    for key in ("relaunch_floor_s", "relaunch_resume_s", "relaunch_resume_warm_s", "relaunch_over_floor"):
+        assert isinstance(result[key], float) and result[key] > 0, (key, result.get(key))
     assert "harness checkpoint benchmark" in done.stdout
     assert list(tmp_path.iterdir()) == [out], "the bench left files behind"
 
