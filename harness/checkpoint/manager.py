@@ -92,11 +92,11 @@ class CheckpointManager:
         self.progress = progress
         self.config_data = config_data
         self.say = say
-        # Only rank 0 writes the payload, so under ddp only rank 0 stages and the others read what
-        # rank 0 chose from dir. A sharded strategy's ranks each stage and upload their own shard
-        # files, and read a checkpoint staged complete on their node from there (as rank 0 does).
-        staging_dir = self.ckpt.staging_dir if env.is_main or strategy.sharded else None
-        self.store = CheckpointStore(open_storage(self.ckpt.dir, staging_dir))
+        # Every rank opens the staging folder: all ranks of a node then read a checkpoint staged
+        # complete there from it, or all from the remote (a node-local copy: _node_copy), never a
+        # mix. Only rank 0 writes the payload and uploads it; a sharded strategy's ranks also stage
+        # and upload their own shard files (_save_shards). The others' uploader never starts.
+        self.store = CheckpointStore(open_storage(self.ckpt.dir, self.ckpt.staging_dir))
         self.retention = Retention(keep_last=self.ckpt.keep_last, keep_every=self.ckpt.keep_every,
                                    keep_best=self.ckpt.keep_best, best_mode=self.ckpt.best_mode)
         self.writer = CheckpointWriter(self.store, self.retention, asynchronous=self.ckpt.async_save) \

@@ -23,7 +23,7 @@ from typing import Callable, IO
 import pytest
 import torch
 
-from conftest import REPO, wait_for
+from conftest import REPO, kill_tree, launch_cmd, metrics, wait_for, worker_pids
 from harness.checkpoint.storage.staged import StagedStorage
 from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, PAYLOAD_NAME, step_dir_name
 from harness.checkpoint import checksum, flat
@@ -426,6 +426,34 @@ def test_launcher_stages_to_s3_and_a_run_without_staging_resumes_from_it(moto_se
     second = _launch(f"checkpoint.dir={s3_url}", "trainer.max_steps=60")
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 60
+
+
+@needs_s3
+def test_a_job_whose_node_survived_resumes_its_staged_checkpoint_on_every_rank(moto_server, s3_url, tmp_path):
+    """SIGTERM, exit 75, relaunch on the same node: every rank reads the newest checkpoint from the
+    staging folder where it is complete (before, rank 0 did and rank 1 waited in a collective for a
+    copy nobody downloaded: the job crashed)."""
+    run, stage = tmp_path / "run", tmp_path / "stage"
+    run.mkdir()
+    command = launch_cmd(s3_url, "trainer.max_steps=60", "checkpoint.every_steps=10", "preempt.check_every=1",
+                         f"checkpoint.staging_dir={stage}", f"trainer.metrics_file={run / 'metrics.jsonl'}")
+    with open(tmp_path / "job.log", "w") as log:
+        launcher = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pids = worker_pids(launcher, 2)
+        wait_for(lambda: max(metrics(run), default=0) >= 20, 120, "step 20")
+        os.kill(pids[1], signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 75, (tmp_path / "job.log").read_text()
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    stopped = CheckpointStore(FsspecStorage(s3_url)).latest_valid().step
+    before = len(moto_server.requests())
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {s3_url}/{step_dir_name(stopped)} at step {stopped}" in result.stdout, result.stdout
+    assert not [line for line in moto_server.requests()[before:]
+                if f"GET /{BUCKET}/" in line and f"{step_dir_name(stopped)}/{PAYLOAD_NAME}" in line]
 
 
 def test_a_stop_waits_for_its_staged_upload_before_raising_preempted(tmp_path):
