@@ -307,6 +307,51 @@ def test_construction_uploads_checkpoints_a_crash_left_staged_only(tmp_path):
     assert os.listdir(stage) == [step_dir_name(30)]
 
 
+def _commit_with_shard(store: CheckpointStore, stage: Path, step: int, remote=None) -> str:
+    """A sharded commit: a "rank" wrote shards/part into the staging folder (and, given ``remote``,
+    uploaded it itself) before rank 0 commits; returns the shard's checksum."""
+    rel = f"{step_dir_name(step)}/shards/part"
+    (stage / rel).parent.mkdir(parents=True)
+    (stage / rel).write_bytes(b"shard %d" % step)
+    digest = checksum.of_file(str(stage / rel))
+    if remote is not None:
+        remote.write(rel, lambda handle: handle.write((stage / rel).read_bytes()))
+        store.storage.published_elsewhere({rel: digest})
+    store.commit(step, lambda handle: handle.write(_data(step)), {"metric": None},
+                 written={"shards/part": checksum.file_entry(len(b"shard %d" % step), digest)})
+    return digest
+
+
+def test_a_manifest_waits_for_shards_uploaded_by_other_ranks(tmp_path):
+    """Files other writers put in the folder are published with the manifest only once recorded as
+    uploaded by them: without that record the manifest stays unpublished (negative control)."""
+    stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
+    remote = GatedRemote(remote_dir)
+    store = _staged(tmp_path, remote)
+    store.storage.claim(step_dir_name(10))
+    _commit_with_shard(store, stage, 10, remote)
+    store.storage.flush()
+    assert _steps(remote_dir) == [10]
+    assert CheckpointStore(LocalStorage(str(remote_dir))).latest_valid().step == 10
+    store.storage.claim(step_dir_name(20))
+    _commit_with_shard(store, stage, 20)  # the shard was never uploaded, nor recorded
+    with pytest.raises(CheckpointError, match="shards/part did not reach"):
+        store.storage.flush()
+    assert _steps(remote_dir) == [10]
+
+
+def test_a_staged_checkpoint_missing_a_shard_is_not_recovered(tmp_path, caplog):
+    """After a crash, a checkpoint complete in the staging folder whose shard is not there (staged on
+    another node) is not uploaded, and the start does not fail."""
+    stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
+    _commit_with_shard(CheckpointStore(LocalStorage(str(stage))), stage, 10)
+    (stage / step_dir_name(10) / "shards" / "part").unlink()
+    storage = StagedStorage(LocalStorage(str(stage)), GatedRemote(remote_dir))
+    storage.flush()
+    assert _steps(remote_dir) == []
+    assert "its shards/part is not in this staging folder" in caplog.text
+
+
 def test_reads_prefer_complete_staged_copy_then_remote(tmp_path):
     stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
     _commit(CheckpointStore(LocalStorage(str(remote_dir))), 10)  # only on the remote

@@ -14,7 +14,8 @@ Why the remote stays crash-consistent:
   has been raised by the next ``flush()`` or ``write()`` (no manifest over a missing payload, no
   deletion of an older checkpoint that the failed one was to replace); what was not uploaded stays
   in the staging folder. Independently of timing, a manifest is uploaded only after every file it
-  lists has been uploaded, with the checksum it lists.
+  lists has been uploaded, with the checksum it lists: by this uploader, or by the ranks of a
+  sharded strategy, each uploading its own shards before rank 0 records them (``published_elsewhere``).
 - Retention's deletions are queued behind the uploads, and a checkpoint leaves the remote (and the
   staging folder) only once a newer one is complete on the remote: the remote never loses its
   newest checkpoint to a prune. A pruned checkpoint whose upload has not started is not uploaded at
