@@ -596,10 +596,18 @@ class CheckpointManager:
 
     def _open_shards(self, writes_to: CheckpointStore, step: int) -> None:
         """Rank 0: an empty shard folder for ``step`` where the ranks write (see open_folder); when
-        staged, the step's earlier staged state (a queued removal or upload) is settled first."""
+        staged, the step's earlier staged state (a queued removal or upload) is settled first, and
+        a copy of the step on the remote (one the resume skipped) is deleted, manifest first: the
+        ranks' uploads replace its shards one by one, and its old manifest must never list a mix
+        (with ``checkpoint.verify=false`` only sizes would be checked)."""
         staged = self._staged()
         if staged is not None:
-            staged.claim(step_dir_name(step))
+            name = step_dir_name(step)
+            staged.claim(name)
+            try:
+                staged.remote.remove_dir(name)
+            except FileNotFoundError:  # the usual case: a new step
+                pass
         writes_to.open_folder(step, SHARDS_DIR)
 
     def _gather(self, item: object) -> list:

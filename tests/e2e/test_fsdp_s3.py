@@ -79,10 +79,12 @@ def _assert_every_manifest_published_last(moto_server, s3_url: str) -> None:
 def test_sigterm_under_fsdp_staged_to_s3_resumes_bit_exact(moto_server, s3_url, tmp_path, fsdp_reference,
                                                            fresh_node):
     """staging-deleted: a fresh node, every rank's shards come from S3; staging-kept: the node
-    survived, every rank reads the copy staged complete on it."""
+    survived, every rank reads the copy staged complete on it. The fresh node also keeps only the
+    last 2 checkpoints: pruned ones leave the bucket whole (shards included)."""
     run, stage = tmp_path / "run", tmp_path / "stage"
     run.mkdir()
-    launcher = subprocess.Popen(_command(s3_url, run, stage), cwd=REPO, stdout=open(tmp_path / "job.log", "w"),
+    retention = ("checkpoint.keep_last=2",) if fresh_node else ()
+    launcher = subprocess.Popen(_command(s3_url, run, stage, *retention), cwd=REPO, stdout=open(tmp_path / "job.log", "w"),
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         pids = worker_pids(launcher, 2)
@@ -100,12 +102,15 @@ def test_sigterm_under_fsdp_staged_to_s3_resumes_bit_exact(moto_server, s3_url, 
     if fresh_node:
         shutil.rmtree(stage)
     before = len(moto_server.requests())
-    result = _resume(s3_url, run, stage)
+    result = _resume(s3_url, run, stage, *retention)
     assert f"resumed from {s3_url}/{step_dir_name(stopped)} at step {stopped}" in result.stdout
     shard_reads = [line for line in moto_server.requests()[before:]
                    if f"GET /{BUCKET}/" in line and f"{step_dir_name(stopped)}/shards/" in line]
     assert bool(shard_reads) == fresh_node, shard_reads
     _assert_every_manifest_published_last(moto_server, s3_url)
+    if fresh_node:
+        kept = {step_dir_name(step) for step in (FSDP_STEPS - 8, FSDP_STEPS)}
+        assert {key.split("/")[0] for key in _keys(moto_server, s3_url)} == kept
     _download(moto_server, s3_url, run)
     _assert_same_training(run, fsdp_reference)
 
@@ -124,7 +129,14 @@ def test_a_shard_missing_from_s3_makes_every_rank_fall_back_and_the_step_is_redo
     moto_server.client().delete_object(Bucket=BUCKET,
                                        Key=f"{s3_url.removeprefix(f's3://{BUCKET}/')}/{newest}/shards/__1_0.distcp")
     shutil.rmtree(stage)
+    before = len(moto_server.requests())
     result = _resume(s3_url, run, stage)
+    relaunch = moto_server.requests()[before:]
+    # The skipped copy of the step loses its manifest before the ranks upload the new shards.
+    first = {method: next((index for index, line in enumerate(relaunch)
+                           if f"{method} /{BUCKET}/" in line and f"{newest}/{rel}" in line), None)
+             for method, rel in (("DELETE", "manifest.json"), ("POST", "shards/"))}
+    assert None not in first.values() and first["DELETE"] < first["POST"], first
     assert f"skipping corrupt checkpoint {s3_url}/{newest}: rank 1: {newest}/shards/__1_0.distcp: missing" \
         in result.stdout + result.stderr
     assert f"resumed from {s3_url}/{previous} at step {steps[-2]}" in result.stdout
