@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,36 @@ def test_a_shard_missing_from_s3_makes_every_rank_fall_back_and_the_step_is_redo
         in result.stdout + result.stderr
     assert f"resumed from {s3_url}/{previous} at step {steps[-2]}" in result.stdout
     assert _remote_steps(moto_server, s3_url)[-1] == FSDP_STEPS
+    _assert_every_manifest_published_last(moto_server, s3_url)
+    _download(moto_server, s3_url, run)
+    _assert_same_training(run, fsdp_reference)
+
+
+def test_sigkill_at_random_instants_while_staging_to_s3_leaves_a_loadable_remote(moto_server, s3_url, tmp_path,
+                                                                                fsdp_reference):
+    """SIGKILL of the whole job twice at random instants with a save every 3 steps (kills land inside
+    saves and uploads too), each time on a fresh node (the staging folder gone): every manifest on
+    the remote was published after its files, and the relaunch resumes from the remote and ends bit
+    for bit where an uninterrupted run ends."""
+    run, stage = tmp_path / "run", tmp_path / "stage"
+    run.mkdir()
+    rng = random.Random(22)
+    for _ in range(2):
+        with open(tmp_path / "job.log", "a") as log:
+            launcher = subprocess.Popen(_command(s3_url, run, stage, "checkpoint.every_steps=3"), cwd=REPO,
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            worker_pids(launcher, 2)
+            done_before = max(metrics(run), default=0)
+            wait_for(lambda: max(metrics(run), default=0) > done_before + 3, 120, "progress")
+            time.sleep(rng.uniform(0.0, 0.25))
+        finally:
+            kill_tree(launcher)
+        shutil.rmtree(stage, ignore_errors=True)
+    _assert_every_manifest_published_last(moto_server, s3_url)
+    newest = _remote_steps(moto_server, s3_url)[-1]
+    result = _resume(s3_url, run, stage, "checkpoint.every_steps=3")
+    assert f"resumed from {s3_url}/{step_dir_name(newest)} at step {newest}" in result.stdout, result.stdout
     _assert_every_manifest_published_last(moto_server, s3_url)
     _download(moto_server, s3_url, run)
     _assert_same_training(run, fsdp_reference)
