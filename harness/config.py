@@ -272,10 +272,12 @@ class HarnessConfig:
         what they cannot do yet is refused at start, naming the key."""
         ckpt = self.checkpoint
         unsupported = [(ckpt.async_save, "checkpoint.async_save=true", "drop it (fsdp saves synchronously)"),
-                       (bool(ckpt.staging_dir), "checkpoint.staging_dir", "drop it and point checkpoint.dir "
-                        "at a folder every rank can write"),
-                       ("://" in ckpt.dir and not ckpt.dir.startswith("file://"), f"checkpoint.dir={ckpt.dir}",
-                        "use a local or shared filesystem path")]
+                       # DCP writes each rank's shards to a local path: a remote folder is reached
+                       # through a staging folder, from which each rank uploads its own shards.
+                       ("://" in ckpt.dir and not ckpt.dir.startswith("file://") and not ckpt.staging_dir,
+                        f"checkpoint.dir={ckpt.dir} without checkpoint.staging_dir",
+                        "add checkpoint.staging_dir=<a node-local folder> (each rank writes its shards there "
+                        "and uploads them itself), or use a local or shared filesystem path")]
         for used, key, fix in unsupported:
             if used:
                 raise ConfigError(f"{key} is not supported with trainer.strategy=fsdp yet: HINT: {fix}")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch.distributed as dist
 
 from harness.checkpoint import checksum
+from harness.checkpoint import manifest as manifests
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
@@ -30,6 +31,7 @@ from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_S
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
 from harness.checkpoint.storage import open_storage
+from harness.checkpoint.storage.staged import StagedStorage, publish
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.writer import CheckpointWriter
 from harness.collectives import distributed, on_rank0, raise_if_any_failed, which_failed
@@ -90,9 +92,11 @@ class CheckpointManager:
         self.progress = progress
         self.config_data = config_data
         self.say = say
-        # Only rank 0 writes, so only rank 0 stages; the others read what rank 0 chose from dir.
-        staging_dir = self.ckpt.staging_dir if env.is_main else None
-        self.store = CheckpointStore(open_storage(self.ckpt.dir, staging_dir))
+        # Every rank opens the staging folder: all ranks of a node then read a checkpoint staged
+        # complete there from it, or all from the remote (a node-local copy: _node_copy), never a
+        # mix. Only rank 0 writes the payload and uploads it; a sharded strategy's ranks also stage
+        # and upload their own shard files (_save_shards). The others' uploader never starts.
+        self.store = CheckpointStore(open_storage(self.ckpt.dir, self.ckpt.staging_dir))
         self.retention = Retention(keep_last=self.ckpt.keep_last, keep_every=self.ckpt.keep_every,
                                    keep_best=self.ckpt.keep_best, best_mode=self.ckpt.best_mode)
         self.writer = CheckpointWriter(self.store, self.retention, asynchronous=self.ckpt.async_save) \
@@ -287,19 +291,29 @@ class CheckpointManager:
         node-local temporary file, and the node's ranks memory-map it, so a node holds one copy of
         the checkpoint instead of one per rank. None for folders with a local path. A collective."""
         rel = ref.payload_path
-        if self.store.storage.local_path(rel) is not None:
-            return None
-        key = hashlib.sha256(f"{self.store.root}/{rel}:{ref.manifest.get('created_unix')}".encode()).hexdigest()[:16]
-        target = os.path.join(tempfile.gettempdir(), f"harness-resume-{key}-{self.env.master_port}-{os.path.basename(rel)}")
+        here = self.store.storage.local_path(rel) is not None  # the same on every rank of a node
+        target = self._node_path(ref, os.path.basename(rel))
         error = None
-        if self.env.local_rank == 0:
+        if self.env.local_rank == 0 and not here:
             try:
-                with self.store.storage.open_read(rel) as source, open(target, "wb") as copy:
-                    shutil.copyfileobj(source, copy, HASH_CHUNK)
+                self._download(rel, target)
             except OSError as exc:
                 error = exc
+        # Every rank agrees even where its node needed no copy (a node with a staged copy and one
+        # without must not pair different collectives).
         raise_if_any_failed(error, f"downloading {self.store.root}/{rel} failed", self.env.device)
-        return target
+        return None if here else target
+
+    def _node_path(self, ref: CheckpointRef, name: str) -> str:
+        """A node-local temporary path for a copy of ``ref``'s ``name``, the same on every rank of
+        the job (and distinct for another job or checkpoint)."""
+        where = f"{self.store.root}/{ref.name}:{ref.manifest.get('created_unix')}"
+        key = hashlib.sha256(where.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"harness-resume-{key}-{self.env.master_port}-{name}")
+
+    def _download(self, rel: str, target: str) -> None:
+        with self.store.storage.open_read(rel) as source, open(target, "wb") as copy:
+            shutil.copyfileobj(source, copy, HASH_CHUNK)
 
     def _load_payload(self, ref: CheckpointRef, node_copy: Optional[str]) -> dict:
         """The payload, memory-mapped, on the CPU: modules and optimizers copy what they load onto
@@ -329,7 +343,7 @@ class CheckpointManager:
             # Agreed first: a rank that failed above must not leave the others in DCP's collectives.
             raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
             # Every rank reads the shards it needs, resharded to this world size (a collective).
-            self.strategy.load(self.store.storage.local_path(f"{ref.name}/{SHARDS_DIR}"), in_shards)
+            self._load_shards(ref, in_shards)
         elif error is not None:
             raise error
         self.progress.load_state_dict(payload[KEY_PROGRESS])
@@ -349,6 +363,52 @@ class CheckpointManager:
         warning = grace_warning(save_s, self.cfg.preempt.grace_s) if save_s else None
         if warning:
             self.say("WARNING: " + warning)
+
+    def _load_shards(self, ref: CheckpointRef, in_shards: dict) -> None:
+        """Load ``ref``'s shard folder on every rank (a collective). A folder without a local path
+        (s3://, or staged on another node) is first copied whole by local rank 0 of each node to a
+        node-local temporary folder, which the node's ranks read and which is deleted once every
+        rank has loaded. The copies are of the files the manifest lists, which every rank verified
+        (its share) before; a file that differs from its manifest entry now fails the resume."""
+        folder = self.store.storage.local_path(f"{ref.name}/{SHARDS_DIR}")  # the same on a node's ranks
+        copy = None if folder is not None else self._node_path(ref, SHARDS_DIR)
+        error = None
+        if copy is not None and self.env.local_rank == 0:
+            try:
+                self._download_shards(ref, copy)
+            except (OSError, CheckpointError) as exc:
+                error = exc
+        raise_if_any_failed(error, f"downloading {self.store.root}/{ref.name}/{SHARDS_DIR} failed", self.env.device)
+        try:
+            self.strategy.load(folder or copy, in_shards)
+        except Exception as exc:  # every rank must be done with the copy before it goes
+            error = exc
+        failed = which_failed(error, self.env.device)
+        if copy is not None and self.env.local_rank == 0:
+            shutil.rmtree(copy, ignore_errors=True)  # a temporary copy; the checkpoint stays on the remote
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"loading {self.store.root}/{ref.name}/{SHARDS_DIR} failed: "
+                                  f"rank(s) {failed} failed; see their logs")
+
+    def _download_shards(self, ref: CheckpointRef, target: str) -> None:
+        """Copy every ``shards/`` file ``ref``'s manifest lists into ``target`` (emptied first),
+        checking each against its size and (``checkpoint.verify``) its checksum."""
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.makedirs(target)
+        prefix = f"{SHARDS_DIR}/"
+        for name, (size, expected) in sorted(manifests.entries(ref.manifest).items()):
+            if not name.startswith(prefix):
+                continue
+            path = os.path.join(target, name[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._download(f"{ref.name}/{name}", path)
+            if os.path.getsize(path) != size or (
+                    self.ckpt.verify and checksum.of_file(path, checksum.algorithm_of(expected)) != expected):
+                raise CheckpointError(f"{self.store.root}/{ref.name}/{name} changed since it was verified "
+                                      "(its copy differs from the manifest)")
 
     def _layout(self, ref: CheckpointRef) -> tuple[str, bool]:
         """(the strategy that wrote ``ref``, whether it keeps state in a shard folder), from its
@@ -495,24 +555,61 @@ class CheckpointManager:
         manifest), every rank writes and fsyncs its files (DCP, a collective), hashes its own, the
         entries are gathered (the agreement that every rank's files are durable), rank 0 fsyncs the
         folders. Only then may rank 0 write the payload and, last, the manifest.
+
+        Staged (``checkpoint.staging_dir``): the shards are written to the staging folder, and each
+        rank then uploads the files it hashed to ``checkpoint.dir`` itself, before the gather: the
+        gather is then also the agreement that every shard is on the remote, which rank 0 records
+        in its StagedStorage, whose uploader publishes the payload and, last, the manifest.
         """
         step = self.progress.step
-        on_rank0(lambda: self.store.open_folder(step, SHARDS_DIR),
-                 f"failed to prepare {self.store.root}/{step_dir_name(step)}/{SHARDS_DIR}", self.env.is_main)
+        name = step_dir_name(step)
+        staged = self._staged()
+        writes_to = CheckpointStore(staged.local) if staged is not None else self.store
+        on_rank0(lambda: self._open_shards(writes_to, step),
+                 f"failed to prepare {writes_to.root}/{name}/{SHARDS_DIR}", self.env.is_main)
         # Each rank's own path to the folder (a shared filesystem may be mounted elsewhere on its node).
-        folder = self.store.storage.local_path(f"{step_dir_name(step)}/{SHARDS_DIR}")
+        folder = writes_to.storage.local_path(f"{name}/{SHARDS_DIR}")
         entries, error = {}, None
         try:
+            os.makedirs(folder, exist_ok=True)  # staged on another node than rank 0's
             for rel in self.strategy.save(folder):
                 path = os.path.join(folder, rel)
                 entries[f"{SHARDS_DIR}/{rel}"] = checksum.file_entry(os.path.getsize(path), checksum.of_file(path))
+            if staged is not None:
+                for rel, entry in entries.items():  # synchronous: the save returns once they are remote
+                    publish(staged.local, staged.remote, f"{name}/{rel}", entry["checksum"])
         except Exception as exc:  # every rank must learn it before rank 0 could commit
             error = exc
         raise_if_any_failed(error, f"failed to save the shards of step {step}", self.env.device)
-        written = self._gather(entries)
-        on_rank0(lambda: self.store.make_durable(step, SHARDS_DIR),
-                 f"failed to make {self.store.root}/{step_dir_name(step)} durable", self.env.is_main)
-        return {name: entry for rank_entries in written for name, entry in rank_entries.items()}
+        written = {rel: entry for rank_entries in self._gather(entries) for rel, entry in rank_entries.items()}
+
+        def durable() -> None:
+            writes_to.make_durable(step, SHARDS_DIR)
+            if staged is not None:  # every rank's upload returned: the manifest may follow them
+                staged.published_elsewhere({f"{name}/{rel}": entry["checksum"] for rel, entry in written.items()})
+
+        on_rank0(durable, f"failed to make {writes_to.root}/{name} durable", self.env.is_main)
+        return written
+
+    def _staged(self) -> Optional[StagedStorage]:
+        storage = self.store.storage
+        return storage if isinstance(storage, StagedStorage) else None
+
+    def _open_shards(self, writes_to: CheckpointStore, step: int) -> None:
+        """Rank 0: an empty shard folder for ``step`` where the ranks write (see open_folder); when
+        staged, the step's earlier staged state (a queued removal or upload) is settled first, and
+        a copy of the step on the remote (one the resume skipped) is deleted, manifest first: the
+        ranks' uploads replace its shards one by one, and its old manifest must never list a mix
+        (with ``checkpoint.verify=false`` only sizes would be checked)."""
+        staged = self._staged()
+        if staged is not None:
+            name = step_dir_name(step)
+            staged.claim(name)
+            try:
+                staged.remote.remove_dir(name)
+            except FileNotFoundError:  # the usual case: a new step
+                pass
+        writes_to.open_folder(step, SHARDS_DIR)
 
     def _gather(self, item: object) -> list:
         if not distributed():

@@ -23,7 +23,7 @@ from typing import Callable, IO
 import pytest
 import torch
 
-from conftest import REPO, wait_for
+from conftest import REPO, kill_tree, launch_cmd, metrics, wait_for, worker_pids
 from harness.checkpoint.storage.staged import StagedStorage
 from harness.checkpoint.layout import HASH_CHUNK, MANIFEST_NAME, PAYLOAD_NAME, step_dir_name
 from harness.checkpoint import checksum, flat
@@ -307,6 +307,51 @@ def test_construction_uploads_checkpoints_a_crash_left_staged_only(tmp_path):
     assert os.listdir(stage) == [step_dir_name(30)]
 
 
+def _commit_with_shard(store: CheckpointStore, stage: Path, step: int, remote=None) -> str:
+    """A sharded commit: a "rank" wrote shards/part into the staging folder (and, given ``remote``,
+    uploaded it itself) before rank 0 commits; returns the shard's checksum."""
+    rel = f"{step_dir_name(step)}/shards/part"
+    (stage / rel).parent.mkdir(parents=True)
+    (stage / rel).write_bytes(b"shard %d" % step)
+    digest = checksum.of_file(str(stage / rel))
+    if remote is not None:
+        remote.write(rel, lambda handle: handle.write((stage / rel).read_bytes()))
+        store.storage.published_elsewhere({rel: digest})
+    store.commit(step, lambda handle: handle.write(_data(step)), {"metric": None},
+                 written={"shards/part": checksum.file_entry(len(b"shard %d" % step), digest)})
+    return digest
+
+
+def test_a_manifest_waits_for_shards_uploaded_by_other_ranks(tmp_path):
+    """Files other writers put in the folder are published with the manifest only once recorded as
+    uploaded by them: without that record the manifest stays unpublished (negative control)."""
+    stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
+    remote = GatedRemote(remote_dir)
+    store = _staged(tmp_path, remote)
+    store.storage.claim(step_dir_name(10))
+    _commit_with_shard(store, stage, 10, remote)
+    store.storage.flush()
+    assert _steps(remote_dir) == [10]
+    assert CheckpointStore(LocalStorage(str(remote_dir))).latest_valid().step == 10
+    store.storage.claim(step_dir_name(20))
+    _commit_with_shard(store, stage, 20)  # the shard was never uploaded, nor recorded
+    with pytest.raises(CheckpointError, match="shards/part did not reach"):
+        store.storage.flush()
+    assert _steps(remote_dir) == [10]
+
+
+def test_a_staged_checkpoint_missing_a_shard_is_not_recovered(tmp_path, caplog):
+    """After a crash, a checkpoint complete in the staging folder whose shard is not there (staged on
+    another node) is not uploaded, and the start does not fail."""
+    stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
+    _commit_with_shard(CheckpointStore(LocalStorage(str(stage))), stage, 10)
+    (stage / step_dir_name(10) / "shards" / "part").unlink()
+    storage = StagedStorage(LocalStorage(str(stage)), GatedRemote(remote_dir))
+    storage.flush()
+    assert _steps(remote_dir) == []
+    assert "its shards/part is not in this staging folder" in caplog.text
+
+
 def test_reads_prefer_complete_staged_copy_then_remote(tmp_path):
     stage, remote_dir = tmp_path / "stage", tmp_path / "remote"
     _commit(CheckpointStore(LocalStorage(str(remote_dir))), 10)  # only on the remote
@@ -426,6 +471,34 @@ def test_launcher_stages_to_s3_and_a_run_without_staging_resumes_from_it(moto_se
     second = _launch(f"checkpoint.dir={s3_url}", "trainer.max_steps=60")
     assert f"resumed from {s3_url}/step_000000040 at step 40" in second.stdout
     assert CheckpointStore(FsspecStorage(s3_url)).latest_valid().step == 60
+
+
+@needs_s3
+def test_a_job_whose_node_survived_resumes_its_staged_checkpoint_on_every_rank(moto_server, s3_url, tmp_path):
+    """SIGTERM, exit 75, relaunch on the same node: every rank reads the newest checkpoint from the
+    staging folder where it is complete (before, rank 0 did and rank 1 waited in a collective for a
+    copy nobody downloaded: the job crashed)."""
+    run, stage = tmp_path / "run", tmp_path / "stage"
+    run.mkdir()
+    command = launch_cmd(s3_url, "trainer.max_steps=60", "checkpoint.every_steps=10", "preempt.check_every=1",
+                         f"checkpoint.staging_dir={stage}", f"trainer.metrics_file={run / 'metrics.jsonl'}")
+    with open(tmp_path / "job.log", "w") as log:
+        launcher = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pids = worker_pids(launcher, 2)
+        wait_for(lambda: max(metrics(run), default=0) >= 20, 120, "step 20")
+        os.kill(pids[1], signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 75, (tmp_path / "job.log").read_text()
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    stopped = CheckpointStore(FsspecStorage(s3_url)).latest_valid().step
+    before = len(moto_server.requests())
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {s3_url}/{step_dir_name(stopped)} at step {stopped}" in result.stdout, result.stdout
+    assert not [line for line in moto_server.requests()[before:]
+                if f"GET /{BUCKET}/" in line and f"{step_dir_name(stopped)}/{PAYLOAD_NAME}" in line]
 
 
 def test_a_stop_waits_for_its_staged_upload_before_raising_preempted(tmp_path):

@@ -30,12 +30,17 @@ def _config(**trainer) -> dict:
     ({"fsdp_shard": ["Block"]}, {}, "applies to trainer.strategy=fsdp only"),
     ({"strategy": "fsdp", "eval_ema": True, "eval_every": 5}, {}, "trainer.eval_ema=true evaluates the EMA"),
     ({"strategy": "fsdp"}, {"async_save": True}, "checkpoint.async_save=true is not supported"),
-    ({"strategy": "fsdp"}, {"staging_dir": "/tmp/x"}, "checkpoint.staging_dir is not supported"),
+    ({"strategy": "fsdp"}, {"dir": "s3://b/run"}, "checkpoint.dir=s3://b/run without checkpoint.staging_dir"),
     ({"strategy": "fsdp", "fsdp_shard": ["not a name"]}, {}, "trainer.fsdp_shard"),
 ])
 def test_fsdp_options_it_cannot_honour_are_refused_at_start_naming_the_key(trainer, checkpoint, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         validate({**_config(**trainer), "checkpoint": checkpoint})
+
+
+def test_fsdp_stages_to_a_remote_folder():
+    cfg = validate({**_config(strategy="fsdp"), "checkpoint": {"dir": "s3://b/run", "staging_dir": "/tmp/x"}})
+    assert cfg.checkpoint.staging_dir == "/tmp/x"
 
 
 def test_fsdp_takes_fp16_and_an_evaluated_ema():

@@ -14,7 +14,8 @@ Why the remote stays crash-consistent:
   has been raised by the next ``flush()`` or ``write()`` (no manifest over a missing payload, no
   deletion of an older checkpoint that the failed one was to replace); what was not uploaded stays
   in the staging folder. Independently of timing, a manifest is uploaded only after every file it
-  lists has been uploaded, with the checksum it lists.
+  lists has been uploaded, with the checksum it lists: by this uploader, or by the ranks of a
+  sharded strategy, each uploading its own shards before rank 0 records them (``published_elsewhere``).
 - Retention's deletions are queued behind the uploads, and a checkpoint leaves the remote (and the
   staging folder) only once a newer one is complete on the remote: the remote never loses its
   newest checkpoint to a prune. A pruned checkpoint whose upload has not started is not uploaded at
@@ -102,20 +103,40 @@ class StagedStorage:
     def write(self, rel: str, fill: Callable[[IO[bytes]], None],
               algorithm: str = checksum.DEFAULT) -> tuple[int, str]:
         """Write ``rel`` to the staging folder (atomic, durable) and queue its upload."""
-        folder = _folder(rel)
+        self._claim(_folder(rel), rel)
+        size, digest = self.local.write(rel, fill, algorithm)
+        with self._lock:
+            self._enqueue(_Task(UPLOAD, rel, digest))
+        return size, digest
+
+    def claim(self, folder: str) -> None:
+        """Make checkpoint folder ``folder`` ready for files written beside this object (a sharded
+        strategy's ranks write into ``local`` themselves): a queued removal of it finishes first,
+        its queued uploads are dropped (the files change), and it no longer counts as uploaded.
+        Raises, as ``write()`` does, an upload failure not yet reported."""
+        self._claim(folder, None)
+
+    def _claim(self, folder: str, rel: Optional[str]) -> None:
         with self._lock:
             self._raise_failure()
             if folder in self._removing:  # rewriting a pruned step: let its removal finish first
                 self._start()
                 self._lock.wait_for(lambda: folder not in self._removing)
             self._uploaded.discard(folder)  # the local copy changes: no longer redundant
-            if any(task.rel == rel or (task.kind == RECOVER and task.folder == folder)
-                   for task in self._queue):  # rewriting a queued checkpoint: its new files are
-                self._drop(lambda task: task.folder == folder)  # queued again, in order, below
-        size, digest = self.local.write(rel, fill, algorithm)
+            if rel is None or any(task.rel == rel or (task.kind == RECOVER and task.folder == folder)
+                                  for task in self._queue):  # rewriting a queued checkpoint: its new
+                self._drop(lambda task: task.folder == folder)  # files are queued again, in order
+            if rel is None:  # a claimed folder's files are all new: each must be published again
+                for done in [done for done in self._published if _folder(done) == folder]:
+                    del self._published[done]
+
+    def published_elsewhere(self, uploaded: dict[str, str]) -> None:
+        """Record files that other writers (every rank of a sharded strategy, each uploading its
+        own shards) put on the remote themselves, ``{rel: named checksum}``, after ``claim()`` of
+        their folder: a manifest listing them may then be uploaded (manifest last, see
+        ``_check_files_published``). The caller vouches that each upload completed with that checksum."""
         with self._lock:
-            self._enqueue(_Task(UPLOAD, rel, digest))
-        return size, digest
+            self._published.update(uploaded)
 
     def remove_dir(self, rel: str) -> None:
         """Queue the deletion of a checkpoint folder, remotely then locally, behind the uploads
@@ -276,12 +297,7 @@ class StagedStorage:
         (``expected``: its named checksum, whose algorithm the upload hashes with)."""
         if os.path.basename(rel) == MANIFEST_NAME:
             self._check_files_published(rel)
-        algorithm = checksum.algorithm_of(expected) if expected else checksum.DEFAULT
-        with self.local.open_read(rel) as source:
-            _, digest = self.remote.write(rel, lambda handle: _copy(source, handle), algorithm)
-        if expected is not None and digest != expected:
-            raise CheckpointError(f"{self.local.root}/{rel} changed after it was written "
-                                  f"(read as {digest}, written as {expected})")
+        digest = publish(self.local, self.remote, rel, expected)
         with self._lock:
             self._published[rel] = digest
 
@@ -322,6 +338,10 @@ class StagedStorage:
                     self._upload(f"{folder}/{name}", expected)
                 except CheckpointError as error:  # damaged in the staging folder: never publish it
                     log.warning(f"not uploading {self.local.root}/{folder}: {error}")
+                    return
+                except FileNotFoundError:  # a shard another node's rank staged: never publish without it
+                    log.warning(f"not uploading {self.local.root}/{folder}: its {name} is not in this "
+                                "staging folder (staged on another node?); the remote keeps its earlier checkpoints")
                     return
             self._upload(manifest_rel, checksum.of_bytes(encoded))
         self._uploaded_checkpoint(folder)
@@ -390,6 +410,20 @@ class StagedStorage:
             self.local.remove_dir(folder)
         except FileNotFoundError:
             pass
+
+
+def publish(local: LocalStorage, remote: Storage, rel: str, expected: Optional[str]) -> str:
+    """Copy the staged file ``rel`` to the remote, streamed in chunks (the object exists only once
+    complete); returns its named checksum. Raises CheckpointError when the file was not read as it
+    was written (``expected``: its named checksum, whose algorithm the upload hashes with), the
+    local or remote storage's errors otherwise (FileNotFoundError: not staged here)."""
+    algorithm = checksum.algorithm_of(expected) if expected else checksum.DEFAULT
+    with local.open_read(rel) as source:
+        _, digest = remote.write(rel, lambda handle: _copy(source, handle), algorithm)
+    if expected is not None and digest != expected:
+        raise CheckpointError(f"{local.root}/{rel} changed after it was written "
+                              f"(read as {digest}, written as {expected})")
+    return digest
 
 
 def _folder(rel: str) -> str:
