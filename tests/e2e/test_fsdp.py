@@ -141,6 +141,19 @@ def test_three_ranks_sigterm_to_the_last_rank_resumes_bit_exact(fsdp_3_reference
     _assert_same_training(ckpt_dir, reference)
 
 
+FOUR_RANKS = (*FSDP, "launcher.nproc_per_node=4", "task.batch_size=16")
+
+
+@pytest.mark.slow
+def test_four_ranks_sigterm_to_the_last_rank_resumes_bit_exact(tmp_path_factory, tmp_path):
+    """4 ranks on this 2-core machine (slow): SIGTERM to rank 3 alone, then the relaunch ends where an
+    uninterrupted 4-rank run ends, with 4 RNG streams saved."""
+    reference = uninterrupted_run(tmp_path_factory, "fsdp-4-reference", *FOUR_RANKS)
+    ckpt_dir = _sigterm_one_rank_then_resume(tmp_path, FOUR_RANKS, rank=3, nproc=4)
+    assert len(_final_state(ckpt_dir)[1]["rng"]) == 4
+    _assert_same_training(ckpt_dir, reference)
+
+
 def _rewrite_shards(step_dir: Path, change) -> None:
     """Replace a checkpoint's shards by ``change(full state)`` written by one process (so the resume
     also reshards 1 -> 2 files), and record the new files in the manifest, as a tampering user would."""
