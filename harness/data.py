@@ -345,18 +345,21 @@ class OwnState:
         position from its saved state (it then skips by itself), False when the caller must skip.
         ``draw_rest()`` iterates the sampler to its end, dropping what it yields."""
         pending, self.pending = self.pending, None
-        if pending is not None and pending["epoch"] in (epoch, epoch - 1):
-            _set_epoch(self.sampler, pending["epoch"])
-            self.sampler.load_state_dict(copy.deepcopy(pending["state"]))
-            if (pending["epoch"], pending["batch"]) == (epoch, batch):
-                self.taken.append(pending)
-                return True
-            if pending["epoch"] == epoch - 1:
-                draw_rest()
-            # Else the position moved (another batch size): the stream starts the epoch afresh and
-            # skips by samples, as a sampler without state does.
+        if pending is not None and (pending["epoch"], pending["batch"]) == (epoch, batch):
+            self._load(pending)
+            self.taken.append(pending)
+            return True
+        if pending is not None and pending["epoch"] == epoch - 1:
+            self._load(pending)
+            draw_rest()
+        # Any other saved position (the batch size changed mid-epoch): the epoch starts afresh and
+        # the caller skips by samples, as for a sampler without state; the resume warns of the change.
         _set_epoch(self.sampler, epoch)
         return False
+
+    def _load(self, saved: dict) -> None:
+        _set_epoch(self.sampler, saved["epoch"])
+        self.sampler.load_state_dict(copy.deepcopy(saved["state"]))
 
     def take(self, epoch: int, batch: int) -> None:
         """The sampler's state once the indices before batch ``batch`` of epoch ``epoch`` are drawn."""
@@ -366,7 +369,8 @@ class OwnState:
             self.taken.append({"epoch": epoch, "batch": batch, "state": state})
 
     def at(self, epoch: int, batch: int) -> Optional[dict]:
-        return next((entry for entry in reversed(self.taken) if (entry["epoch"], entry["batch"]) == (epoch, batch)), None)
+        matching = (entry for entry in reversed(self.taken) if (entry["epoch"], entry["batch"]) == (epoch, batch))
+        return next(matching, None)
 
 
 class UserSampler(Sampler[SampleKey]):
@@ -379,7 +383,8 @@ class UserSampler(Sampler[SampleKey]):
     and torchvision's RASampler are. A sampler with ``state_dict()/load_state_dict()`` (torchdata's
     StatefulDistributedSampler) is resumed from its own state instead, which skips by itself
     (``OwnState``); its indices are then drawn a batch at a time. ``lookahead``: batches the
-    DataLoader may draw ahead of the one trained (``_lookahead``). Raises TypeError for a sampler without ``__len__`` (the epoch's length sizes steps and skips).
+    DataLoader may draw ahead of the one trained (``_lookahead``). Raises TypeError for a sampler
+    without ``__len__`` (the epoch's length sizes steps and skips).
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, rank: int, world_size: int, seed: int,
@@ -529,7 +534,8 @@ class SeededSamples(Dataset):
     def _samples(self, keys: list) -> list:
         if not self.seed_samples:
             return [(sample_seed, self.dataset[index]) for index, sample_seed in keys]
-        return [(sample_seed, _seeded(sample_seed, self.dataset.__getitem__, index)) for index, sample_seed in keys]
+        return [(sample_seed, _seeded(sample_seed, self.dataset.__getitem__, index))
+                for index, sample_seed in keys]
 
 
 class Collated(NamedTuple):

@@ -291,3 +291,26 @@ def test_torchdatas_stateful_distributed_sampler_resumes_from_its_own_state(tmp_
     saved = read_payload(str(tmp_path / "run" / "step_000000037" / "state.safetensors"))["samplers"]
     assert saved == [{"epoch": 3, "batch": 7, "state": {"yielded": 28}}], \
         "the sampler's own state at the trained position, not where the workers had drawn to"
+
+
+def test_a_stateful_sampler_resumed_with_another_batch_size_continues_its_epoch_by_samples(tmp_path):
+    """Batch 4 stopped mid-epoch 2 (20 samples in), resumed with batch 2: the saved state describes
+    another batch position, so the epoch starts afresh and skips 20 samples; the samples then follow
+    the sampler's epoch-2 order without a gap or a repeat (loading the state and skipping too would
+    skip 20 more)."""
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    def loader(batch_size):
+        return lambda s: s.loader(DATA, batch_size=batch_size,
+                                  sampler=StatefulDistributedSampler(DATA, num_replicas=1, rank=0, seed=3))
+
+    first: list[dict] = []
+    with pytest.raises(Preempted):
+        run(tmp_path / "run", loader(4), max_steps=40, stop_at=25, seen=first)
+    resumed = run(tmp_path / "run", loader(2), max_steps=60)
+    order = StatefulDistributedSampler(DATA, num_replicas=1, rank=0, seed=3)
+    order.set_epoch(2)
+    expected = list(order)  # all 42: with batch 2 the epoch has no partial batch to drop
+    seen = [int(i) for row in first[20:] for i in row["data"][:, 0]]
+    seen += [int(i) for row in resumed if row["epoch"] == 2 for i in row["data"][:, 0]]
+    assert seen == expected
