@@ -264,16 +264,24 @@ def signal_job(tmp_path: Path, send: Callable, *overrides: str, after_step: int 
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
     launcher = start_launch(ckpt_dir, *overrides, log_path=log)
+    code = signal_running(launcher, ckpt_dir, send, after_step, timeout, nproc)
+    return ckpt_dir, log.read_text(), code
+
+
+def signal_running(launcher: subprocess.Popen, metrics_dir: Path, send: Callable, after_step: int,
+                   timeout: float = 120, nproc: int = 2) -> int:
+    """Once the job of ``nproc`` ranks has logged ``after_step`` in ``metrics_dir`` (0: do not wait),
+    ``send(launcher, {rank: pid})``; return its exit code. The job's tree is killed if it outlives
+    this (a failed wait or a hang), so no test leaves ranks running."""
     try:
         pids = worker_pids(launcher, nproc)
         if after_step:
-            wait_for(lambda: max(metrics(ckpt_dir), default=0) >= after_step, 90, f"step {after_step}")
+            wait_for(lambda: max(metrics(metrics_dir), default=0) >= after_step, 90, f"step {after_step}")
         send(launcher, pids)
-        code = launcher.wait(timeout=timeout)
+        return launcher.wait(timeout=timeout)
     finally:
         if launcher.poll() is None:
             kill_tree(launcher)
-    return ckpt_dir, log.read_text(), code
 
 
 def kill_tree(launcher: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

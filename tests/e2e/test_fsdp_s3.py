@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch_cmd, metrics, wait_for, worker_pids, kill_tree
+from conftest import REPO, kill_tree, launch_cmd, metrics, signal_running, wait_for, worker_pids
 from harness.checkpoint.layout import step_dir_name
 from test_fsdp import FSDP, FSDP_STEPS, _assert_same_training, fsdp_reference  # noqa: F401  (a fixture)
 from test_remote import BUCKET, _keys, moto_server, s3_url  # noqa: F401  (fixtures; skip without moto)
@@ -88,14 +88,7 @@ def test_sigterm_under_fsdp_staged_to_s3_resumes_bit_exact(moto_server, s3_url, 
     retention = ("checkpoint.keep_last=2",) if fresh_node else ()
     launcher = subprocess.Popen(_command(s3_url, run, stage, *retention), cwd=REPO, stdout=open(tmp_path / "job.log", "w"),
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        pids = worker_pids(launcher, 2)
-        wait_for(lambda: max(metrics(run), default=0) >= 12, 120, "step 12")
-        os.kill(pids[1], signal.SIGTERM)
-        code = launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
+    code = signal_running(launcher, run, lambda _, pids: os.kill(pids[1], signal.SIGTERM), after_step=12)
     output = (tmp_path / "job.log").read_text()
     assert code == 75, output
     stopped = _remote_steps(moto_server, s3_url)[-1]
