@@ -47,7 +47,8 @@ from harness.env import free_port
 from harness.stop.agreement import Preempted, agree
 from harness.stop.flag import StopFlag
 from harness.session import Session
-from harness.checkpoint.payload import (KEY_STATE, MODEL, Progress, build_payload, capture_rng, check_payload, versions)
+from harness.checkpoint.payload import (KEY_STATE, MODEL, Progress, StateRegistry, build_payload, capture_rng,
+                                        check_payload, own_memory, versions)
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.store import CheckpointStore, Retention
 from harness.checkpoint.storage.local import LocalStorage
@@ -450,10 +451,11 @@ def _dcp_reps(trainer: Trainer, folder: str, reps: int, blocks: list, commits: l
 
 def measure_load(trainer: Trainer, store: CheckpointStore, reps: int, notes: list[str]) -> dict:
     """A resume's reads, the way Session does them, from a cold page cache: the checksum pass over
-    the payload (``checkpoint.verify=true``, which also warms the cache for the node's ranks), then
-    the memory-mapped load, ``load_state_dict`` of model and optimizer and a read of every page
-    (lazily mapped tensors count). ``load_s`` is the same load, cold, without the checksum pass
-    (``verify=false``). Run last: it leaves the optimizer state backed by the file's pages."""
+    the payload (``checkpoint.verify=true``) through a memory map of it, which also warms the cache
+    for the node's ranks, then the load from that same map: ``load_state_dict`` of model and
+    optimizer, the optimizer's state given memory of its own (``own_memory``, as Session does; CPU
+    only: on a GPU the load copies it to the device) and a read of every page (lazily mapped tensors
+    count). ``load_s`` is the same load, cold, without the checksum pass (``verify=false``)."""
     ref = store.latest_listed()
     path = store.storage.local_path(ref.payload_path)
     verifies, loads, totals, plain, raw = [], [], [], [], []
@@ -465,11 +467,12 @@ def measure_load(trainer: Trainer, store: CheckpointStore, reps: int, notes: lis
         raw.append(_buffered_read(path))
         cold = drop_page_cache() and cold
         started = time.perf_counter()
-        problems = store.problems(ref, verify=True)
+        verified_maps: dict = {}
+        problems = store.problems(ref, verify=True, mapped=verified_maps)
         verifies.append(time.perf_counter() - started)
         if problems:
             raise RuntimeError(f"the benchmark's own checkpoint does not verify: {problems}")
-        loads.append(_load_into(trainer, path)[0])
+        loads.append(_load_into(trainer, path, verified_maps.pop(ref.payload_path, None))[0])
         totals.append(verifies[-1] + loads[-1])
         cold = drop_page_cache() and cold
         plain.append(_load_into(trainer, path)[0])
@@ -484,12 +487,15 @@ def measure_load(trainer: Trainer, store: CheckpointStore, reps: int, notes: lis
     return result
 
 
-def _load_into(trainer: Trainer, path: str) -> tuple[float, float]:
+def _load_into(trainer: Trainer, path: str, verified_map: Optional[mmap.mmap] = None) -> tuple[float, float]:
     """(seconds, a sum that reads every page, so no read can be skipped)."""
     started = time.perf_counter()
-    payload = check_payload(read_payload(path), path)
-    trainer.model.load_state_dict(payload[KEY_STATE][MODEL])
-    trainer.optimizer.load_state_dict(payload[KEY_STATE]["optimizer"])
+    payload = check_payload(read_payload(path, mapped=verified_map), path)
+    registry = StateRegistry()
+    registry.register(MODEL, trainer.model)
+    registry.register("optimizer", trainer.optimizer)
+    registry.load_state_dict(payload[KEY_STATE])
+    own_memory(registry, payload)
     touched = sum(float(value.view(-1)[:: 1024].sum()) for value in _tensors(payload))
     return time.perf_counter() - started, touched
 

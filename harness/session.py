@@ -70,6 +70,7 @@ class Session:
         self._config_data = config_data  # also W&B's run config
         self.checkpoints = CheckpointManager(cfg, self.env, self.registry, self.progress, config_data, self.say,
                                              self.strategy)
+        self.checkpoints.read_ahead()  # a restart's checkpoint is read while the script builds its model
         self.clock = AgreementClock(cfg.preempt.check_every, self.env.is_main)
         self.metrics: dict[str, Any] = {}  # values logged during the current step
         self._ended_metrics: dict[str, Any] = {}  # the values of the last completed step (its save's metric)

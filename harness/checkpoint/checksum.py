@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Callable
+from typing import IO, Callable, Optional
 
 import xxhash
 
@@ -27,6 +28,9 @@ READ_CHUNK = HASH_CHUNK  # bytes read at a time when hashing a file
 SLICE = 1 << 20  # bytes hashed per call. Not for the GIL: xxhash releases it around every update (and
 # hashlib for inputs of 2 KiB and more), measured: the main thread ran Python throughout a 1 GB update.
 READS_IN_FLIGHT = 4  # a disk (NVMe, cloud volumes) reaches its bandwidth only with several reads queued
+# madvise(MADV_POPULATE_READ), Linux 5.14+: map a range's pages in (reading them from the disk), and
+# report a read error as an error instead of the SIGBUS a plain access to the page would raise.
+POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class Hasher:
@@ -104,6 +108,63 @@ def of_file(path: str, algorithm: str = DEFAULT) -> str:
                 hasher.update(pending.popleft().result())
     finally:
         os.close(fd)
+    return named(algorithm, hasher)
+
+
+def of_mapped_file(path: str, algorithm: str = DEFAULT) -> tuple[str, Optional[mmap.mmap]]:
+    """(the checksum of a local file, a private memory map of it with every page already mapped in).
+
+    For a file that is verified and then loaded: the load views the same map, so the file is read
+    once. Verifying with ``of_file`` and then mapping the file again costs a second pass of page
+    faults over the whole file, measured at about as much as the cold read itself (1.2 GB: 0.56 s
+    against 0.85 s, a cold read 0.47 s). The map is private (copy-on-write), like ``flat.read``'s:
+    writing to what was loaded never changes the file.
+
+    Pages are mapped in ``READ_CHUNK`` at a time with ``MADV_POPULATE_READ`` and hashed once in place,
+    so a read error is an OSError (EFAULT or EIO), as from ``of_file``, never a SIGBUS. On a kernel
+    without it (before 5.14) this falls back to ``of_file`` and returns no map. An empty file has
+    no map either.
+    """
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return named(algorithm, new(algorithm)), None
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    try:
+        return of_mapping(mapped, size, algorithm), mapped
+    except PopulateUnsupported:
+        mapped.close()
+        return of_file(path, algorithm), None
+    except BaseException:
+        mapped.close()
+        raise
+
+
+class PopulateUnsupported(OSError):
+    """The kernel has no MADV_POPULATE_READ (Linux before 5.14)."""
+
+
+def of_mapping(mapped: mmap.mmap, size: int, algorithm: str = DEFAULT) -> str:
+    """The checksum of the first ``size`` bytes of a file's memory map, mapping each chunk's pages in
+    before it is hashed (see ``of_mapped_file``). Raises OSError when a page cannot be read: the file
+    is unreadable or was truncated after it was mapped."""
+    hasher = new(algorithm)
+    with memoryview(mapped) as view:
+        for start in range(0, size, READ_CHUNK):
+            length = min(READ_CHUNK, size - start)
+            try:
+                mapped.madvise(POPULATE_READ, start, length)
+            except OSError as error:
+                if error.errno == errno.EINVAL and start == 0:
+                    raise PopulateUnsupported(error.errno, "madvise(MADV_POPULATE_READ) is not supported") from None
+                raise OSError(error.errno, f"reading bytes {start}-{start + length} of the file failed "
+                                           f"({os.strerror(error.errno)})") from None
+            chunk = view[start:start + length]
+            update(hasher, chunk)
+            chunk.release()
     return named(algorithm, hasher)
 
 

@@ -28,7 +28,7 @@ import json
 import math
 import mmap
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Optional
 
 import torch
 
@@ -161,13 +161,15 @@ def is_flat(head: bytes) -> bool:
     return len(head) > MAGIC_OFFSET and head[MAGIC_OFFSET:MAGIC_OFFSET + 1] == b"{"
 
 
-def read(path: str) -> Any:
+def read(path: str, mapped: Optional[mmap.mmap] = None) -> Any:
     """The payload of a flat file (of any other safetensors file: its tensors by name). Tensors are
     views of a private (copy-on-write) memory map of the file: nothing is read until it is used, and
-    writing to a tensor never changes the file. Raises ValueError for a file whose header does not
-    describe it (see ``parse_header``)."""
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    writing to a tensor never changes the file. ``mapped``: such a map of ``path`` made already (by
+    ``checksum.of_mapped_file``, which read it in while verifying it), used instead of a new one.
+    Raises ValueError for a file whose header does not describe it (see ``parse_header``)."""
+    if mapped is None:
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
         header_len = header_length(mapped[:MAGIC_OFFSET], len(mapped))
         header, meta = parse_header(mapped[MAGIC_OFFSET:MAGIC_OFFSET + header_len],

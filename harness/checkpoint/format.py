@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import pickle
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Optional
 
 import torch
 
@@ -62,12 +63,13 @@ def legacy(payload: dict, reason: flat.NotFlat) -> PayloadFile:
     return PayloadFile(LEGACY_PAYLOAD_NAME, lambda handle: write_payload(payload, handle))
 
 
-def read_payload(path: str, unsafe: bool = False) -> Any:
-    """A checkpoint payload file of either format, on the CPU (flat files memory-mapped)."""
+def read_payload(path: str, unsafe: bool = False, mapped: Optional[mmap.mmap] = None) -> Any:
+    """A checkpoint payload file of either format, on the CPU (flat files memory-mapped; ``mapped``:
+    the map of ``path`` that verifying it left, see ``flat.read``)."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     if flat.is_flat(head):
-        return flat.read(path)
+        return flat.read(path, mapped)
     return torch_load(path, map_location="cpu", unsafe=unsafe, mmap=True)
 
 

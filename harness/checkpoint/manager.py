@@ -11,22 +11,24 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch.distributed as dist
 
-from harness.checkpoint import checksum
+from harness.checkpoint import checksum, prefetch
 from harness.checkpoint import manifest as manifests
 from harness.checkpoint.format import read_payload
 from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
-                                       SHARDS_DIR, CheckpointRef, checking_rank, step_dir_name, step_of)
+                                       SHARDS_DIR, CheckpointRef, checking_rank, payload_file, step_dir_name, step_of)
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, Progress,
                                         StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
@@ -107,6 +109,9 @@ class CheckpointManager:
         self.pending_sampler: Optional[dict] = None  # this rank's user sampler as its epoch began
         self._resume_point: Optional[tuple[Optional[CheckpointRef]]] = None  # chosen once, lazily
         self._lock_fd: Optional[int] = None  # rank 0's lock on the run folder
+        # Payload maps that verification read in, by path: the load reuses them (store.problems).
+        self._verified_maps: dict[str, mmap.mmap] = {}
+        self.read_ahead_thread: Optional[threading.Thread] = None  # see read_ahead
 
     # ----- one job per folder ---------------------------------------------------------------------
     def lock(self) -> None:
@@ -154,6 +159,25 @@ class CheckpointManager:
             self._resume_point = (self._choose(),) if self.resumes() else (None,)
         return self._resume_point[0]
 
+    def read_ahead(self) -> None:
+        """A restart: read the newest checkpoint's files this rank will read into the page cache in
+        the background, while the script builds its model and optimizer (``prefetch``; a hint, not a
+        collective: the resume still lists, verifies and chooses on its own). Each rank reads the
+        files it verifies; local rank 0 also the payload, which every rank of its node loads."""
+        if self.resumes() and not self.ckpt.staging_dir and self.store.storage.local_path("") is not None:
+            self.read_ahead_thread = prefetch.start(self.files_to_read_ahead)
+
+    def files_to_read_ahead(self) -> list[str]:
+        """The local paths ``read_ahead`` reads on this rank (lists the run folder)."""
+        ref = self.store.newest_complete()
+        if ref is None:
+            return []
+        world, rank = self.env.world_size, self.env.rank
+        wanted = [rel for rel in manifests.entries(ref.manifest)
+                  if checking_rank(rel, world) == rank or (rel == payload_file(ref.manifest) and self.env.local_rank == 0)]
+        paths = [self.store.storage.local_path(f"{ref.name}/{rel}") for rel in wanted]
+        return [path for path in paths if path is not None]
+
     def resumes(self) -> bool:
         """``checkpoint.resume=false`` applies to a run's first launch only: a restart (SLURM
         requeue, the local launcher's or restart-loop.sh's restarts) continues what that launch
@@ -186,14 +210,23 @@ class CheckpointManager:
         world, rank = self.env.world_size, self.env.rank
         found, error = [], None
         try:
-            found = self.store.problems(ref, verify=self.ckpt.verify,
+            found = self.store.problems(ref, verify=self.ckpt.verify, mapped=self._verified_maps,
                                         only=lambda rel: checking_rank(rel, world) == rank)
         except Exception as exc:  # not a damaged file (those are problems): every rank must stop
             error = exc
         raise_if_any_failed(error, f"verifying {self.store.root}/{ref.name} failed", self.env.device)
         per_rank = self._gather(found)
-        return list(dict.fromkeys(f"rank {where}: {problem}" for where, problems in enumerate(per_rank)
-                                  for problem in problems))
+        problems = list(dict.fromkeys(f"rank {where}: {problem}" for where, problems in enumerate(per_rank)
+                                      for problem in problems))
+        if problems:
+            self._drop_verified_maps()
+        return problems
+
+    def _drop_verified_maps(self) -> None:
+        """Unmap what verification read in and no load used (a checkpoint skipped after all)."""
+        for file_map in self._verified_maps.values():
+            file_map.close()
+        self._verified_maps.clear()
 
     def start_fresh(self) -> None:
         """A first launch with ``checkpoint.resume=false``: make sure no earlier run's checkpoint can
@@ -260,6 +293,7 @@ class CheckpointManager:
             ref = older
             self._resume_point = (ref,)
             payload = self._read_everywhere(ref)
+        self._drop_verified_maps()
         error = None
         try:
             self._restore(ref, payload, data_unit, own_sampler)
@@ -321,7 +355,8 @@ class CheckpointManager:
         them); mapping to the GPU first would only add a copy and put those counters on the GPU."""
         rel = ref.payload_path
         path = node_copy or self.store.storage.local_path(rel)
-        payload = read_payload(path, unsafe=self.ckpt.unsafe_load)
+        verified_map = None if node_copy else self._verified_maps.pop(rel, None)
+        payload = read_payload(path, unsafe=self.ckpt.unsafe_load, mapped=verified_map)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
     def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int], own_sampler: bool) -> None:

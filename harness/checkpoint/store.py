@@ -12,6 +12,7 @@ loaded: the previous checkpoint is used instead.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -255,6 +256,17 @@ class CheckpointStore:
         refs = self.list_complete()
         return refs[-1] if refs else None
 
+    def newest_complete(self) -> Optional[CheckpointRef]:
+        """The newest checkpoint whose manifest parses, found newest first and without logging
+        (a read-ahead's guess; ``list_complete`` with its warnings is what a resume goes by)."""
+        names = sorted((name for name in self.storage.list_names() if step_of(name) is not None),
+                       key=step_of, reverse=True)
+        for name in names:
+            manifest, _ = self._load_manifest(name)
+            if manifest is not None:
+                return CheckpointRef(step=step_of(name), name=name, manifest=manifest)
+        return None
+
     def examine(self, name: str, verify: bool = True) -> FolderReport:
         """The state of one checkpoint folder (see FolderReport), without logging."""
         manifest, unusable = self._load_manifest(name)
@@ -272,10 +284,14 @@ class CheckpointStore:
         return [self.examine(name, verify) for name in names]
 
     def problems(self, ref: CheckpointRef, verify: bool = True,
-                 only: Optional[Callable[[str], bool]] = None) -> list[str]:
+                 only: Optional[Callable[[str], bool]] = None,
+                 mapped: Optional[dict[str, mmap.mmap]] = None) -> list[str]:
         """What is wrong with a checkpoint's files compared to its manifest (empty: it is valid).
         ``only``: check just the files (names relative to the checkpoint folder) it accepts, so
         several ranks can split the work; the manifest's own entries are checked by every caller.
+        ``mapped``: for a resume, which loads the payload next: a local flat payload is verified
+        through a memory map, left in ``mapped[<its path>]`` when it verifies, which the load then
+        reuses (``checksum.of_mapped_file``: the file is read once instead of twice).
 
         Never raises for a damaged checkpoint: an unusable manifest entry, a missing, unreadable or
         non-regular file (a symbolic link is not followed), a size or checksum (``verify``) that
@@ -292,7 +308,7 @@ class CheckpointStore:
                 continue
             path = f"{ref.name}/{rel}"
             try:
-                problem = retried(lambda: self._file_problem(path, recorded_size, recorded, verify),
+                problem = retried(lambda: self._file_problem(path, recorded_size, recorded, verify, mapped),
                                   f"reading {self.root}/{path}")
             except FileNotFoundError:
                 problem = f"{path}: missing"
@@ -302,11 +318,12 @@ class CheckpointStore:
                 found.append(problem)
         return found
 
-    def _file_problem(self, path: str, recorded_size: int, recorded: str, verify: bool) -> Optional[str]:
+    def _file_problem(self, path: str, recorded_size: int, recorded: str, verify: bool,
+                      mapped: Optional[dict[str, mmap.mmap]] = None) -> Optional[str]:
         size = self.storage.size(path)
         if size != recorded_size:
             return f"{path}: {size} bytes, manifest says {recorded_size} (truncated?)"
-        if verify and self.checksum(path, recorded) != recorded:
+        if verify and self._verified_checksum(path, recorded, mapped) != recorded:
             return f"{path}: {checksum.algorithm_of(recorded)} differs from the manifest (corrupted)"
         if path.rsplit("/", 1)[-1] == PAYLOAD_NAME:
             with self.storage.open_read(path) as handle:
@@ -315,6 +332,20 @@ class CheckpointStore:
                 except flat.BadHeader as error:
                     return f"{path}: bad safetensors header: {error} (corrupted)"
         return None
+
+    def _verified_checksum(self, rel: str, recorded: str, mapped: Optional[dict[str, mmap.mmap]]) -> str:
+        """``checksum(rel)``; a local flat payload with ``mapped`` given is hashed through a map of it,
+        kept in ``mapped[rel]`` only when the checksum matches ``recorded``."""
+        local = self.storage.local_path(rel)
+        if mapped is None or local is None or rel.rsplit("/", 1)[-1] != PAYLOAD_NAME:
+            return self.checksum(rel, recorded)
+        found, file_map = checksum.of_mapped_file(local, checksum.algorithm_of(recorded))
+        if file_map is not None:
+            if found == recorded:
+                mapped[rel] = file_map
+            else:
+                file_map.close()
+        return found
 
     def checksum(self, rel: str, like: str = checksum.DEFAULT) -> str:
         """The named checksum of a file, with the algorithm of ``like`` (a named checksum or an

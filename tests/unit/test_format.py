@@ -8,6 +8,9 @@ import json
 import logging
 import mmap
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,6 +135,59 @@ def test_checksums_are_xxh3_and_sha256_manifests_still_verify(tmp_path):
     assert "sha256 differs" in store.problems(old_ref)[0]
     manifest_path.write_text(json.dumps(ref.manifest))
     assert "xxh3_128 differs" in store.problems(store.latest_listed())[0]
+
+
+def test_a_resume_loads_the_payload_from_the_map_its_verification_read_in(tmp_path):
+    """Verify-then-load reads the file once: the map that the checksum pass populated is the one the
+    loaded tensors view. A checkpoint that does not verify leaves no map behind."""
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    writer = CheckpointWriter(store, Retention(keep_last=0))
+    payload = _payload()
+    writer.submit(5, payload, {})
+    ref = writer.last_ref
+    maps: dict = {}
+    assert store.problems(ref, mapped=maps) == [] and list(maps) == [ref.payload_path]
+    verified = maps.pop(ref.payload_path)
+    loaded = read_payload(str(tmp_path / ref.payload_path), mapped=verified)
+    assert _same(payload, loaded)
+    weight = loaded["state"]["model"]["0.weight"]
+    start = torch.frombuffer(verified, dtype=torch.uint8, count=1).data_ptr()
+    assert start <= weight.data_ptr() < start + len(verified)  # a view of the verified map itself
+    path = tmp_path / ref.payload_path
+    data = bytearray(path.read_bytes())
+    data[len(data) - 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert "differs" in store.problems(ref, mapped=maps)[0] and maps == {}
+
+
+def test_a_read_error_while_verifying_through_the_map_is_an_error_not_a_sigbus(tmp_path):
+    """Pages of a mapped file that cannot be read raise SIGBUS on a plain access, which would kill the
+    resuming rank instead of letting it fall back to an older checkpoint. Here the file loses its
+    last pages after it was mapped, a real fault of the same kind."""
+    path = tmp_path / PAYLOAD_NAME
+    path.write_bytes(random.Random(0).randbytes(3 * checksum.READ_CHUNK))
+    expected = checksum.of_file(str(path))
+    found, whole = checksum.of_mapped_file(str(path))
+    assert found == expected and whole[:] == path.read_bytes()
+    whole.close()
+    with open(path, "r+b") as handle:
+        file_map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        handle.truncate(checksum.READ_CHUNK + 4096)
+    with pytest.raises(OSError, match=r"reading bytes .* failed"):
+        checksum.of_mapping(file_map, len(file_map))
+    file_map.close()
+
+
+def test_hashing_a_truncated_map_without_populating_it_dies_of_sigbus(tmp_path):
+    """The control: the same fault met by a plain read of the map kills the process."""
+    path = tmp_path / "file.bin"
+    path.write_bytes(bytes(3 * 4096))
+    code = (f"import mmap, xxhash\nhandle = open({str(path)!r}, 'r+b')\n"
+            "file_map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)\n"
+            "handle.truncate(4096)\nxxhash.xxh3_128(memoryview(file_map)).hexdigest()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert result.returncode == -signal.SIGBUS
+
 
 
 @pytest.mark.parametrize("aligned", [True, False])
