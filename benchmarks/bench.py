@@ -205,6 +205,22 @@ def drop_page_cache() -> bool:
         return False
 
 
+def evict(folder: str) -> bool:
+    """Drop the files under ``folder`` from the page cache (written long before, so their pages are
+    clean); False when the kernel refused for any of them."""
+    evicted = True
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                evicted = False
+            finally:
+                os.close(fd)
+    return evicted
+
+
 def say(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
@@ -735,12 +751,14 @@ def _relaunch(mode: str, extra: list[str]) -> dict:
 def measure_relaunch(shape: ModelShape, folder: str, step: int, reps: int, notes: list[str]) -> dict:
     """Relaunch -> first resumed step in hand (state restored), against the bare-interpreter floor
     (interpreter, ``import torch``, TCP rendezvous, one all-reduce), alternated rep by rep. The
-    relaunch of each rep runs twice: after the page cache is dropped (a new node:
-    ``relaunch_resume_s``) and again with the payload cached (the same node:
-    ``relaunch_resume_warm_s``). ``relaunch_fresh_start_s``: the same script started in an empty
-    folder (what a fresh start pays: imports, random init, the optimizer's set-up, the first batch),
-    so that the resume's own cost shows above it. ``relaunch_step_s``: that first step's own time
-    (not counted)."""
+    relaunch of each rep runs twice: after the checkpoint is dropped from the page cache (a new
+    node: ``relaunch_resume_s``) and again with it cached (the same node: ``relaunch_resume_warm_s``).
+    Only the checkpoint's files are dropped (``evict``): dropping the whole cache would also make
+    the interpreter, torch and every module read their files again, which the floor and the fresh
+    start do not, and which is no cost of the resume. ``relaunch_fresh_start_s``: the same script
+    started in an empty folder (what a fresh start pays: imports, random init, the optimizer's
+    set-up, the first batch), so that the resume's own cost shows above it. ``relaunch_step_s``:
+    that first step's own time (not counted)."""
     floors, fresh, cold, warm, steps = [], [], [], [], []
     extra = [folder, str(shape.width), str(shape.layers)]
     dropped = True
@@ -750,7 +768,7 @@ def measure_relaunch(shape: ModelShape, folder: str, step: int, reps: int, notes
         # init and the optimizer's set-up too, so only what a resume adds is left above it.
         empty = os.path.join(folder + "-fresh", str(rep))
         fresh.append(_relaunch("resume", [empty, str(shape.width), str(shape.layers)])["ready_s"])
-        dropped = drop_page_cache() and dropped
+        dropped = evict(folder) and dropped
         for times in (cold, warm):
             child = _relaunch("resume", extra)
             if child["resumed"] != step:
@@ -758,7 +776,7 @@ def measure_relaunch(shape: ModelShape, folder: str, step: int, reps: int, notes
             times.append(child["ready_s"])
             steps.append(child["step_s"])
     if not dropped:
-        notes.append("page cache could not be dropped: relaunch_resume_s is warm")
+        notes.append("the checkpoint could not be dropped from the page cache: relaunch_resume_s is warm")
     result: dict[str, Any] = {"relaunch_cold": dropped}
     put(result, "relaunch_floor_s", floors)
     put(result, "relaunch_fresh_start_s", fresh)
@@ -871,10 +889,10 @@ def ratios(result: dict) -> dict:
         "async_peak_extra_host_bytes": result["async_snapshot_nbytes"],
         "relaunch_over_floor": result["relaunch_resume_s"] / result["relaunch_floor_s"],
         "relaunch_warm_over_floor": result["relaunch_resume_warm_s"] / result["relaunch_floor_s"],
-        # Against what any resume of this state must pay: the same script's fresh start (imports,
-        # random init, optimizer set-up, first batch) plus a cold read of the payload's bytes.
-        "relaunch_over_fresh_start": result["relaunch_resume_s"] / (
-            result["relaunch_fresh_start_s"] + result["payload_cold_read_s"]),
+        # Against what the same script pays on a fresh start (imports, random init, optimizer
+        # set-up, first batch): the checkpoint is read while the script starts (prefetch), so a
+        # resume that hides its read entirely comes to 1.0 plus its verify and load from memory.
+        "relaunch_over_fresh_start": result["relaunch_resume_s"] / result["relaunch_fresh_start_s"],
     }
 
 
@@ -990,7 +1008,7 @@ ROWS = (
     ("loop step overhead", "step_overhead_ratio", "{:+.2%}"),
     ("relaunch / floor (cold cache)", "relaunch_over_floor", "{:.2f}"),
     ("relaunch warm / floor", "relaunch_warm_over_floor", "{:.2f}"),
-    ("relaunch / (fresh start + cold read of the payload)", "relaunch_over_fresh_start", "{:.2f}"),
+    ("relaunch / fresh start of the same script (cold cache)", "relaunch_over_fresh_start", "{:.2f}"),
     ("async snapshot host memory (GB)", "async_snapshot_nbytes", "gb"),
 )
 
