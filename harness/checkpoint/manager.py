@@ -172,9 +172,9 @@ class CheckpointManager:
         ref = self.store.newest_complete()
         if ref is None:
             return []
-        world, rank = self.env.world_size, self.env.rank
+        world, rank, payload = self.env.world_size, self.env.rank, payload_file(ref.manifest)
         wanted = [rel for rel in manifests.entries(ref.manifest)
-                  if checking_rank(rel, world) == rank or (rel == payload_file(ref.manifest) and self.env.local_rank == 0)]
+                  if checking_rank(rel, world) == rank or (rel == payload and self.env.local_rank == 0)]
         paths = [self.store.storage.local_path(f"{ref.name}/{rel}") for rel in wanted]
         return [path for path in paths if path is not None]
 
