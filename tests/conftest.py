@@ -241,12 +241,18 @@ def stop_lines(output: str) -> dict[int, int]:
     return {int(rank): int(step) for rank, step in re.findall(r"\[rank (\d+)\] stopped at step (\d+)", output)}
 
 
+_REFERENCE_RUNS: dict[tuple[str, ...], Path] = {}  # overrides -> checkpoint folder, for the whole session
+
+
 def uninterrupted_run(tmp_path_factory, name: str, *overrides: str) -> Path:
-    """The checkpoint folder of a reference run that must finish (exit 0) without interruption."""
-    ckpt_dir = tmp_path_factory.mktemp(name) / "ckpt"
-    result = run_launch(ckpt_dir, *overrides)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return ckpt_dir
+    """The checkpoint folder of a reference run that must finish (exit 0) without interruption. One
+    run serves every test that asks for the same overrides (tests only read it)."""
+    if overrides not in _REFERENCE_RUNS:
+        ckpt_dir = tmp_path_factory.mktemp(name) / "ckpt"
+        result = run_launch(ckpt_dir, *overrides)
+        assert result.returncode == 0, result.stdout + result.stderr
+        _REFERENCE_RUNS[overrides] = ckpt_dir
+    return _REFERENCE_RUNS[overrides]
 
 
 @pytest.fixture(scope="session")

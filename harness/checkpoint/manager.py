@@ -534,24 +534,24 @@ class CheckpointManager:
         model = self.registry.get(MODEL) or self.strategy.adopted(MODEL)
         if model is None:
             raise RuntimeError("checkpoint.init_from needs a model: call session.prepare(model) first")
-        file_state = rename_prefixes(self._init_weights(path), self.ckpt.init_rename)
+        shards = sharded_folder(path)
+        if shards is None:
+            file_state = extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
+        else:  # planned from the shards' metadata; the tensors are read into the model below
+            from harness.strategy import dcp_state  # torch.distributed.checkpoint: only when used
+
+            file_state = dcp_state.model_shapes(shards, MODEL)
+        renamed = rename_prefixes({key: key for key in file_state}, self.ckpt.init_rename)  # new key: file key
         # A sharded model's state_dict() holds DTensors: their shapes are the full ones.
-        loadable, report = match_state(model.state_dict(), file_state)
+        loadable, report = match_state(model.state_dict(), {key: file_state[old] for key, old in renamed.items()})
         if self.ckpt.init_strict and not report.clean:
             raise ValueError(f"checkpoint.init_from={path} does not match the model "
                              f"(checkpoint.init_strict=true):\n{report.format()}")
-        self.strategy.load_weights(model, loadable)
-        self.say(f"initialised {len(loadable)} tensors from {path}\n{report.format()}")
-
-    def _init_weights(self, path: str) -> dict:
-        """The full model weights in ``path``: any weights file, or a sharded checkpoint (its step
-        folder, its ``shards`` folder or its payload file), whose model every rank reads whole."""
-        shards = sharded_folder(path)
         if shards is None:
-            return extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
-        from harness.strategy.dcp_state import read_model  # torch.distributed.checkpoint: only when used
-
-        return read_model(shards, MODEL)
+            self.strategy.load_weights(model, loadable)
+        else:  # each rank reads only what it holds: its shards of a sharded model
+            dcp_state.load_model_keys(shards, MODEL, model, {renamed[key]: key for key in loadable})
+        self.say(f"initialised {len(loadable)} tensors from {path}\n{report.format()}")
 
     # ----- save -----------------------------------------------------------------------------------
     def save(self, metric: Optional[float], sampler_state: Optional[dict] = None) -> None:

@@ -8,6 +8,10 @@ functions read it into a sharded model (FSDP2: each rank gets its shards, reshar
 size) or into a replicated one (ddp: each rank gets full tensors), because the template they load
 into is taken from the live model with ``get_model_state_dict``/``get_optimizer_state_dict``.
 
+``model_shapes`` and ``load_model_keys`` serve ``checkpoint.init_from`` from a sharded checkpoint: the
+keys are matched on the metadata's shapes, then only the matched tensors are read, each rank its own
+slices.
+
 ``load_full`` goes the other way round: the full state dicts of a ddp payload (the optimizer's
 keyed by parameter position, as ``Optimizer.state_dict`` keys them) into any model, sharded or not.
 Every copy is exact: converting never changes a value.
@@ -121,16 +125,31 @@ def by_parameter_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved:
                              for old in saved["param_groups"]]}
 
 
-def read_model(folder: str, model_name: str) -> dict[str, torch.Tensor]:
-    """The full (unsharded) tensors of one model in a DCP checkpoint folder, read by this process
-    (every rank of a process group calls it together). Holds the whole model in memory."""
-    # Public DCP offers no "load everything" without a template; this is what its own
-    # format_utils use (torch 2.13: torch.distributed.checkpoint.state_dict_loader).
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+def model_shapes(folder: str, model_name: str) -> dict[str, torch.Tensor]:
+    """{key: a meta tensor of its full shape and dtype} for one model in a DCP checkpoint folder, from
+    its ``.metadata`` alone (no tensor is read): what ``match_state`` needs to plan an init_from."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-        state = _load_state_dict_from_keys(keys={model_name}, checkpoint_id=folder)
-    if model_name not in state:
+    prefix = model_name + "."
+    metadata = FileSystemReader(folder).read_metadata()
+    shapes = {key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype, device="meta")
+              for key, entry in metadata.state_dict_metadata.items()
+              if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    if not shapes:
         raise KeyError(f"{folder} holds no model named {model_name!r}")
-    return state[model_name]
+    return shapes
+
+
+def load_model_keys(folder: str, model_name: str, model: nn.Module, keys: Mapping[str, str]) -> None:
+    """init_from a DCP checkpoint: the tensors of ``model`` that ``keys`` names ({key of the
+    checkpoint's model: key of ``model``}) read in place, every rank together (a collective when a
+    process group exists). A sharded model's rank reads only the stored pieces that overlap its own
+    shards, so no rank ever holds the whole model; a replicated one reads full tensors."""
+    state = model.state_dict()  # DTensor shards under FSDP2; tensors sharing the parameters' memory
+    targets = {file_key: state[model_key] for file_key, model_key in keys.items()}
+    with warnings.catch_warnings():  # a one-rank ddp run has no process group: one process is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        dcp.load({model_name: targets}, storage_reader=FileSystemReader(folder))
+    # What state_dict() returned may be copies (e.g. parameters offloaded): load them back.
+    set_model_state_dict(model, {model_key: targets[file_key] for file_key, model_key in keys.items()},
+                         options=StateDictOptions(strict=False))

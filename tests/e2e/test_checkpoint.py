@@ -507,7 +507,7 @@ def test_other_world_size_with_the_same_samples_per_step_matches_the_reference_t
                                                                                          tmp_path_factory):
     """2 ranks x 32 samples, then 1 rank x 64: the same samples per step, so without dropout (the only
     per-rank randomness) the run differs from an uninterrupted one by reduction order alone."""
-    no_dropout = "task.model.dropout=0"
+    no_dropout = "task.model.dropout=0.0"  # as tests/e2e/test_world_size.py: one reference serves both
     reference = uninterrupted_run(tmp_path_factory, "no-dropout-reference", no_dropout)
     ckpt_dir = tmp_path / "ckpt"
     _first_leg(ckpt_dir, 45, no_dropout)

@@ -443,3 +443,34 @@ def test_init_from_a_checkpoint_of_the_other_strategy_loads_its_weights_exactly(
     state = torch.load(dump, weights_only=True)
     assert state["step"] == 0
     assert_tensors_equal(state["model"], weights, "model")
+
+
+def test_init_from_a_sharded_checkpoint_reads_each_ranks_own_shards_only(tmp_path):
+    """init_from a sharded checkpoint into an fsdp run: every tensor whose shape matches equals the
+    file's, one whose shape differs is reported and left out, and each of the 2 ranks reads about
+    half of the model from the files, never all of it (what lets a model larger than one host's
+    memory start from another run). The control: a ddp run, which needs full tensors, reads it all."""
+    wide = ("task.model.hidden=1024", "+task.model.depth=4")  # 4.2M params, 17 MB: far above the noise
+    source = run_launch(tmp_path / "source", *FSDP, *wide, "trainer.max_steps=1", "checkpoint.every_steps=1")
+    assert source.returncode == 0, source.stdout + source.stderr
+    origin = _step_dir(tmp_path / "source", 1)
+    weights = read_full_state(str(origin / "shards"))["model"]
+    model_bytes = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+    for target, legs in (("fsdp", FSDP), ("ddp", DDP)):
+        dump = tmp_path / f"{target}.pt"
+        loaded = subprocess.run([*launch_cmd(tmp_path / target, *legs, *wide, "task.model.num_classes=10",
+                                             f"checkpoint.init_from={origin}"),
+                                 "script=tests/scripts/fsdp_dump.py", f"script_args=[{dump}]"],
+                                cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+        assert f"initialised 18 tensors from {origin}" in loaded.stdout, loaded.stdout
+        assert "head.weight: file (8, 1024) vs model (10, 1024)" in loaded.stdout, loaded.stdout
+        state = torch.load(dump, weights_only=True)
+        matching = {key: value for key, value in weights.items() if not key.startswith("head.")}
+        assert_tensors_equal({key: state["model"][key] for key in matching}, matching, target)
+        read = state["read_bytes"]
+        assert len(read) == 2, read
+        if target == "fsdp":
+            assert all(0.4 * model_bytes < each < 0.6 * model_bytes for each in read), (read, model_bytes)
+        else:
+            assert all(each > model_bytes for each in read), (read, model_bytes)
