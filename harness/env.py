@@ -12,9 +12,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # SLURM jobs derive the rendezvous port from the job id so that every task, and every requeue of the
 # job, computes the same port without talking to the others.
@@ -42,6 +43,10 @@ class DistEnv:
 
     @property
     def uses_cuda(self) -> bool:
+        # torch is imported where a device is asked for, not with this module: the launcher reads
+        # the environment too, and importing torch there (~2 s) would delay every rank's start.
+        import torch
+
         return torch.cuda.is_available()
 
     @property
@@ -52,6 +57,8 @@ class DistEnv:
     @property
     def device(self) -> torch.device:
         """``cuda:<local_rank>`` with GPUs, else the CPU."""
+        import torch
+
         if self.uses_cuda:
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")

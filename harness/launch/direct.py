@@ -18,7 +18,7 @@ def run(config_data: dict, cfg=None) -> NoReturn:
     """
     flag = install_stop_flag(config_data)
     started = time.monotonic()
-    from harness.env import read_env  # imports torch
+    from harness.env import read_env
 
     env = read_env()
     code = run_worker(config_data, flag) if env.source != "slurm" else _run_under_srun(config_data, flag, env, started)

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 import yaml
 
 from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConfig
@@ -34,6 +33,11 @@ KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed p
 
 
 def default_nproc() -> int:
+    """One rank per visible GPU; 2 CPU ranks without one."""
+    # Imported here, only when the count is asked for: the launcher itself never needs torch, and
+    # importing it (~2 s) would delay every worker's start by as much.
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 

@@ -43,21 +43,31 @@ def _first_leg(ckpt_dir: Path, stop_step: int, *overrides: str) -> None:
 @pytest.mark.parametrize("stop_step, options", [
     (45, ()), (64, ()), (45, ("checkpoint.async_save=true", "task.meta_init=true"))],
     ids=["mid-epoch", "epoch-boundary", "mid-epoch-async-writer-meta-init"])
-def test_resume_is_bit_exact(tmp_path, reference, stop_step, options):
-    ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, stop_step, *options)
-    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", *options)
-    assert result.returncode == 0, result.stderr
-    assert_resumed_from(result.stdout, ckpt_dir, stop_step)
+def test_resume_is_bit_exact(request, tmp_path, reference, stop_step, options):
+    if stop_step == RESUME_STEP and not options:
+        ckpt_dir, output = request.getfixturevalue("plain_resumed")  # also read by the inspect test
+    else:
+        ckpt_dir = tmp_path / "ckpt"
+        _first_leg(ckpt_dir, stop_step, *options)
+        output = _resume(ckpt_dir, *options)
+    assert_resumed_from(output, ckpt_dir, stop_step)
     # The first leg ran with max_steps=stop_step: the resume says what that changes.
-    assert f"WARNING: trainer.max_steps changed from {stop_step} to {STEPS}" in result.stdout
+    assert f"WARNING: trainer.max_steps changed from {stop_step} to {STEPS}" in output
     assert_same_training(ckpt_dir, reference)
 
 
-def test_a_checkpoint_in_the_torch_save_format_of_earlier_versions_still_resumes_bit_exact(tmp_path, reference):
+def _resume(ckpt_dir: Path, *options: str) -> str:
+    """Resume a first leg to the end (exit 0); its output."""
+    result = run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}", *options)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_checkpoint_in_the_torch_save_format_of_earlier_versions_still_resumes_bit_exact(tmp_path, reference,
+                                                                                       plain_leg):
     """What harness wrote before the flat format: state.pt by torch.save, its sha256 in the manifest."""
     ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, 45)
+    shutil.copytree(plain_leg, ckpt_dir)
     step_dir = ckpt_dir / "step_000000045"
     torch.save(read_step(ckpt_dir, 45), step_dir / "state.pt")
     (step_dir / "state.safetensors").unlink()
@@ -91,6 +101,14 @@ def plain_leg(tmp_path_factory) -> Path:
     ckpt_dir = tmp_path_factory.mktemp("plain-leg") / "ckpt"
     _first_leg(ckpt_dir, RESUME_STEP)
     return ckpt_dir
+
+
+@pytest.fixture(scope="module")
+def plain_resumed(tmp_path_factory, plain_leg) -> tuple[Path, str]:
+    """A copy of ``plain_leg`` resumed to the end: (its checkpoint folder, the resume's output)."""
+    ckpt_dir = tmp_path_factory.mktemp("plain-resumed") / "ckpt"
+    shutil.copytree(plain_leg, ckpt_dir)
+    return ckpt_dir, _resume(ckpt_dir)
 
 
 @pytest.fixture(scope="module")
@@ -484,9 +502,9 @@ def _restore_in_process(ckpt_dir: Path) -> tuple[nn.Module, torch.optim.Optimize
     return model, optimizer
 
 
-def test_other_world_size_resumes_with_a_warning(tmp_path, reference):
+def test_other_world_size_resumes_with_a_warning(tmp_path, plain_leg):
     ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, 45)
+    shutil.copytree(plain_leg, ckpt_dir)
     # One rank restores exactly the weights and optimizer state that two ranks saved.
     saved = read_step(ckpt_dir, 45)["state"]
     copy = tmp_path / "copy"
@@ -540,10 +558,9 @@ def _tensor_leaves(a, b, path: str = ""):
             yield from _tensor_leaves(x, y, f"{path}/{index}")
 
 
-def test_ckpt_inspect_json_reports_step_and_identical_digests_for_identical_training(tmp_path, reference, capsys):
-    ckpt_dir = tmp_path / "ckpt"
-    _first_leg(ckpt_dir, 45)
-    assert run_launch(ckpt_dir, f"task.scheduler.T_max={STEPS}").returncode == 0
+def test_ckpt_inspect_json_reports_step_and_identical_digests_for_identical_training(plain_resumed, reference,
+                                                                                    capsys):
+    ckpt_dir, _ = plain_resumed
     reports = []
     for path in (ckpt_dir, reference / "step_000000160"):
         assert ckpt_main(["inspect", str(path), "--json"]) == 0
