@@ -3,7 +3,7 @@
     python -m harness.ckpt inspect PATH [--json] [--unsafe]
     python -m harness.ckpt verify PATH
     python -m harness.ckpt diff A B [--json]
-    python -m harness.ckpt export PATH OUT [--dtype bf16|fp16|fp32] [--format safetensors|torch]
+    python -m harness.ckpt export PATH OUT [--dtype bf16|fp16|fp32] [--format safetensors|torch] [--state ema]
 
 PATH is a checkpoint folder (``step_*``), a run's checkpoint folder (its newest complete checkpoint
 whose files are whole is used; newer damaged ones are named on stderr), or a single file: a harness
@@ -363,15 +363,21 @@ def print_diff(report: dict) -> None:
 
 # ---- export -----------------------------------------------------------------------------------------
 
-def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = False) -> dict[str, torch.Tensor]:
-    """The model weights of any checkpoint layout, wrapper prefixes stripped, floating tensors cast
-    to ``dtype`` (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
+def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = False,
+                       state: str = MODEL) -> dict[str, torch.Tensor]:
+    """The model weights of any checkpoint layout (with ``state``, those of another registered
+    object: see ``state_weights``), wrapper prefixes stripped, floating tensors cast to ``dtype``
+    (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
     located = locate(path)
     payload = load_any(located.file, unsafe)
     sharded = sharded_groups(located)
     try:
-        weights = strip_wrapper_prefixes(sharded[MODEL]) if MODEL in sharded else \
-            extract_model_state(payload, located.file)
+        if state != MODEL:
+            weights = state_weights(groups_of(payload, located.file) | sharded, state)
+        elif MODEL in sharded:
+            weights = strip_wrapper_prefixes(sharded[MODEL])
+        else:
+            weights = extract_model_state(payload, located.file)
     except ValueError as error:
         raise ToolError(str(error)) from None
     if dtype is None:
@@ -381,9 +387,27 @@ def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = Fa
             for key, tensor in weights.items()}
 
 
+def state_weights(groups: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The weights of the registered object ``name`` (``session.register(name=...)``): an EMA's
+    shadow (``trainer.ema_decay``: ``{"decay", "shadow"}``), or any state dict of tensors (a second
+    model, timm's ModelEmaV2), wrapper prefixes stripped. Raises ValueError naming what the
+    checkpoint holds when ``name`` is missing or holds more than tensors (an optimizer)."""
+    if name not in groups:
+        raise ValueError(f"the checkpoint holds no state named {name!r}; it holds {sorted(groups)}")
+    held = groups[name]
+    if isinstance(held, dict) and isinstance(held.get("shadow"), dict):
+        held = held["shadow"]
+    if not (isinstance(held, dict) and held and all(isinstance(value, torch.Tensor) for value in held.values())):
+        found = sorted(held)[:8] if isinstance(held, dict) else type(held).__name__
+        raise ValueError(f"{name!r} is not a state dict of tensors (it holds {found}), so it has no weights "
+                         "to export")
+    return strip_wrapper_prefixes(held)
+
+
 def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = "torch",
-                   unsafe: bool = False) -> str:
-    """Write the model weights of ``path`` to ``out`` and its checksum to ``out.sha256``.
+                   unsafe: bool = False, state: str = MODEL) -> str:
+    """Write the model weights of ``path`` (or those of the registered object ``state``, e.g. the
+    EMA) to ``out`` and its checksum to ``out.sha256``.
 
     Both files are written atomically (temp file, fsync, rename, fsync of the folder): a crash leaves
     the previous ``out`` or the new one, never a partial file. Returns the sha256 hex of ``out``.
@@ -398,9 +422,10 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
     storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
     name = os.path.basename(out)
     located = locate(path)
-    if located.ref is not None and located.ref.manifest.get(INFO_SHARDED) == SHARDS_DIR:
-        return _export_sharded(located, out, dtype, fmt, storage)
-    weights = exportable_weights(path, dtype, unsafe)
+    prefix = _sharded_prefix(located, state)
+    if prefix is not None:
+        return _export_sharded(located, prefix, out, dtype, fmt, storage)
+    weights = exportable_weights(path, dtype, unsafe, state)
     data = encode(weights) if encode is not None else None
 
     def fill(handle) -> None:
@@ -420,13 +445,30 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
     return sha256
 
 
-def _export_sharded(located: Located, out: str, dtype: Optional[str], fmt: str, storage: LocalStorage) -> str:
-    """A sharded checkpoint's model, streamed tensor by tensor (harness.tools.sharded_export)."""
+def _sharded_prefix(located: Located, state: str) -> Optional[str]:
+    """The DCP name of ``state``'s weights when ``located`` is a sharded checkpoint whose shards hold
+    them (the model; an EMA of a sharded model); None to read them from the payload."""
+    if located.ref is None or located.ref.manifest.get(INFO_SHARDED) != SHARDS_DIR:
+        return None
+    if state == MODEL:
+        return MODEL
+    from harness.tools.sharded_export import weights_prefix  # torch.distributed.checkpoint: only when needed
+
+    try:
+        return weights_prefix(os.path.join(located.store.root, located.ref.name, SHARDS_DIR), state)
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+
+
+def _export_sharded(located: Located, prefix: str, out: str, dtype: Optional[str], fmt: str,
+                    storage: LocalStorage) -> str:
+    """The weights under ``prefix`` in a sharded checkpoint, streamed tensor by tensor
+    (harness.tools.sharded_export)."""
     from harness.tools.sharded_export import export  # torch.distributed.checkpoint: only when needed
 
     folder = os.path.join(located.store.root, located.ref.name, SHARDS_DIR)
     try:
-        sha256 = export(folder, MODEL, out, fmt, EXPORT_DTYPES[dtype] if dtype else None)
+        sha256 = export(folder, prefix, out, fmt, EXPORT_DTYPES[dtype] if dtype else None)
         line = f"{sha256}  {os.path.basename(out)}\n".encode()
         storage.write(os.path.basename(out) + SHA256_SUFFIX, lambda handle: handle.write(line))
     except OSError as error:
@@ -467,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="machine-readable output")
     compare.add_argument("--unsafe", action="store_true",
                          help="allow full unpickling (runs code from the files; trusted files only)")
-    export = commands.add_parser("export", help="model weights only, prefixes stripped, for inference "
+    export = commands.add_parser("export", help="model (or --state ema) weights only, prefixes stripped, for inference "
                                                 "or fine-tuning; prints the sha256 of OUT")
     export.add_argument("path")
     export.add_argument("out")
@@ -475,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cast floating tensors (default: keep their dtype)")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="torch", dest="fmt",
                         help="torch (torch.save) or safetensors (needs the safetensors package)")
+    export.add_argument("--state", default=MODEL, metavar="NAME",
+                        help="export the weights of another registered object instead of the model: "
+                             "ema (trainer.ema_decay's average), or any name given to session.register "
+                             "that holds a state dict of tensors")
     export.add_argument("--unsafe", action="store_true",
                         help="allow full unpickling (runs code from the file; trusted files only)")
     return parser
@@ -517,7 +563,8 @@ def _run(args: argparse.Namespace) -> int:
                 print_diff(report)
             return EXIT_OK if report["identical"] else EXIT_PROBLEM
         if args.command == "export":
-            sha256 = export_weights(args.path, args.out, args.dtype, args.fmt, unsafe=args.unsafe)
+            sha256 = export_weights(args.path, args.out, args.dtype, args.fmt, unsafe=args.unsafe,
+                                    state=args.state)
             print(f"{sha256}  {args.out}")
             return EXIT_OK
     except ToolError as error:

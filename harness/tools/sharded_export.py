@@ -46,6 +46,21 @@ def model_tensors(folder: str, model_name: str) -> dict[str, tuple[torch.Size, t
             if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
 
 
+def weights_prefix(folder: str, name: str) -> Optional[str]:
+    """The DCP name whose tensors are the weights of the registered object ``name`` in ``folder``:
+    ``<name>.shadow`` for an EMA (its state is ``{"decay", "shadow"}``), else ``name`` itself; None
+    when the shards hold nothing of that name. Raises ValueError for an object that holds more than
+    tensors (an optimizer's state), which has no weights to export."""
+    entries = FileSystemReader(folder).read_metadata().state_dict_metadata
+    for prefix in (f"{name}.shadow", name):
+        under = [entry for key, entry in entries.items() if key.startswith(prefix + ".")]
+        if under and all(isinstance(entry, TensorStorageMetadata) for entry in under):
+            return prefix
+    if any(key.startswith(name + ".") for key in entries):
+        raise ValueError(f"{name!r} in the shards is not a state dict of tensors (an optimizer's state?)")
+    return None
+
+
 def _read_into(folder: str, model_name: str, key: str, target: torch.Tensor) -> None:
     """Fill ``target`` (full shape, the saved dtype) with one tensor of the checkpoint."""
     with warnings.catch_warnings():  # one process without a process group is what we mean

@@ -336,6 +336,11 @@ def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path
     assert set(full) == {"model", "optimizer", "ema"} and set(payload["state"]) == {"scheduler", "scaler"}
     assert set(full["ema"]["shadow"]) == set(full["model"])
     assert not torch.equal(full["ema"]["shadow"]["head.weight"], full["model"]["head.weight"])  # an average
+    # `ckpt export --state ema` streams the sharded shadow, not the model; an optimizer has no weights.
+    out = tmp_path / "ema.pt"
+    assert ckpt_main(["export", str(ckpt_dir), str(out), "--state", "ema"]) == 0
+    assert_tensors_equal(torch.load(out, weights_only=True), full["ema"]["shadow"], "exported ema")
+    assert ckpt_main(["export", str(ckpt_dir), str(tmp_path / "x.pt"), "--state", "optimizer"]) == 1
     assert payload["state"]["scaler"]["scale"] < 65536.0  # the overflowing loss lowered the scale
     run_rows, ref_rows = metrics(ckpt_dir), metrics(reference)
     evaluated = {step: (row["val_loss"], row["val_loss_ema"]) for step, row in run_rows.items() if "val_loss_ema" in row}

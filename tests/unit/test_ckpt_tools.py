@@ -241,6 +241,42 @@ def test_export_safetensors_without_the_package_is_a_clear_error(trained, tmp_pa
     assert not out.exists()
 
 
+def test_export_state_writes_the_emas_weights_or_another_registered_models(tmp_path, capsys):
+    """``--state ema`` exports trainer.ema_decay's average (not the model), ``--state NAME`` any other
+    registered state dict of tensors (wrapper prefixes stripped, as timm's ModelEmaV2 adds them);
+    a name that is missing or holds more than tensors is a one-line error naming what there is."""
+    from harness.task import ModelEma
+
+    model = _model()
+    ema = ModelEma(model, decay=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(2):
+        _train_step(model, optimizer)
+        ema.update(model)
+    teacher = _model(seed=1)
+    states = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+              "teacher": nn.DataParallel(teacher).state_dict()}  # keys "module.*", as timm's EMA saves
+    payload = build_payload(states, Progress(step=2), [capture_rng()], {"name": "test"})
+    file = encode(payload)
+    CheckpointStore(LocalStorage(str(tmp_path / "run"))).commit(2, file.write_to, {}, payload_name=file.name)
+    out = tmp_path / "ema.pt"
+    assert ckpt_main(["export", str(tmp_path / "run"), str(out), "--state", "ema"]) == 0
+    exported = torch.load(out, weights_only=True)
+    assert set(exported) == set(model.state_dict())
+    assert all(torch.equal(exported[key], value) for key, value in ema.shadow.items())
+    assert not torch.equal(exported["0.weight"], model.state_dict()["0.weight"])  # the average, not the model
+    assert ckpt_main(["export", str(tmp_path / "run"), str(tmp_path / "teacher.pt"), "--state", "teacher"]) == 0
+    exported = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    assert set(exported) == set(teacher.state_dict())
+    assert all(torch.equal(exported[key], value) for key, value in teacher.state_dict().items())
+    capsys.readouterr()
+    for name, message in (("nope", "holds no state named 'nope'; it holds ['ema', 'model', 'optimizer', 'teacher']"),
+                          ("optimizer", "'optimizer' is not a state dict of tensors")):
+        assert ckpt_main(["export", str(tmp_path / "run"), str(tmp_path / "x.pt"), "--state", name]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_export_replaces_an_existing_file_and_reports_unwritable_outputs(trained, tmp_path, capsys):
     root, _, _ = trained
     out = tmp_path / "model.pt"
