@@ -45,3 +45,18 @@ def test_a_script_run_by_the_worker_sees_what_python_would_show_it(tmp_path):
     assert seen == expected
     assert seen["path0"] == str(tmp_path / "project") and os.path.isabs(seen["file"])
     assert seen["argv"][0] == "project/train.py" and seen["name"] == "__main__"
+
+
+def test_the_launcher_starts_its_ranks_without_importing_torch_itself(tmp_path):
+    """Each rank imports torch; the launcher, given launcher.nproc_per_node, does not (importing it
+    there first delayed every rank's start by ~2 s). A rank's script reads its parent's memory map."""
+    script = tmp_path / "parent_maps.py"
+    script.write_text("import os, sys\n"
+                      "maps = open(f'/proc/{os.getppid()}/maps').read()\n"
+                      "open(sys.argv[1], 'w').write(repr(['libtorch' in maps, 'libpython' in maps or 'python' in maps]))\n")
+    seen = tmp_path / "seen.txt"
+    result = subprocess.run([sys.executable, "-m", "harness.launch", "launcher.nproc_per_node=1",
+                             f"checkpoint.dir={tmp_path / 'ckpt'}", f"script={script}", f"script_args=[{seen}]"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seen.read_text() == "[False, True]"  # the control: the map was read, and it is a Python process
