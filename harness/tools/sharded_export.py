@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint import checksum
 from harness.checkpoint.storage.local import fsync_dir
+from harness.strategy.dcp_state import model_shapes
 
 ZIP_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
 # safetensors' names of the dtypes a model holds.
@@ -39,11 +40,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 def model_tensors(folder: str, model_name: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """{key: (full shape, dtype)} of the model ``model_name`` in a DCP folder, from its metadata."""
-    prefix = model_name + "."
-    metadata = FileSystemReader(folder).read_metadata()
-    return {key[len(prefix):]: (entry.size, entry.properties.dtype)
-            for key, entry in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    return {key: (meta.shape, meta.dtype) for key, meta in model_shapes(folder, model_name).items()}
 
 
 def weights_prefix(folder: str, name: str) -> Optional[str]:
