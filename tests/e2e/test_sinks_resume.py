@@ -32,6 +32,9 @@ def _tensorboard_last_step(folder: Path) -> int:
 def test_metrics_file_and_tensorboard_after_a_kill_between_checkpoints_hold_each_step_once(
         tmp_path, reference):
     ckpt_dir = tmp_path / "ckpt"
+    # TensorBoard's reader takes seconds to import on its first use: import it before the run starts,
+    # or the run (~1 s from step 60 to its end) can finish before the wait below sees step 60.
+    assert _tensorboard_last_step(tmp_path) == 0
     launcher = start_launch(ckpt_dir, "log.tensorboard=true", log_path=tmp_path / "job.log")
     try:
         pids = worker_pids(launcher)
