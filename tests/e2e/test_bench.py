@@ -10,11 +10,13 @@ import math
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from benchmarks.bench import SIZE_KEYS, parse_size
 
 
+@pytest.mark.slow
 def test_bench_writes_every_key_as_a_number_for_each_size(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--sizes", "1M", "--reps", "1",

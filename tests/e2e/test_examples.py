@@ -176,6 +176,7 @@ def test_hf_model_from_config_resumes_bit_exactly_after_sigterm(tmp_path, hf_ref
     assert "transformer.h.0.attn.c_attn.weight" in state["model"], "the GPT2LMHeadModel's own keys"
 
 
+@pytest.mark.slow
 def test_hf_model_under_fsdp_resumes_bit_exactly_after_sigterm(tmp_path_factory, tmp_path):
     """The Hugging Face example sharded with FSDP2, stopped by SIGTERM to rank 1 and relaunched: its
     shards (model with the tied embedding/LM head, AdamW state; unsharded) and the payload (scheduler,

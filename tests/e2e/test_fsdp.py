@@ -295,6 +295,7 @@ BF16_LOOP = (*FSDP, "trainer.precision=bf16", "trainer.accumulate=2", "trainer.c
              "trainer.eval_every=8", EVAL_DATA)
 
 
+@pytest.mark.slow
 def test_bf16_accumulation_clipping_and_eval_resume_bit_exact(tmp_path_factory, tmp_path):
     """FSDP2's bf16 MixedPrecisionPolicy, no reduce-scatter on the first of 2 micro-batches, clipping
     of sharded gradients and evaluation, stopped by SIGTERM to rank 0 and resumed."""
