@@ -21,7 +21,6 @@ from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -175,13 +174,3 @@ def read_full_state(folder: str) -> dict:
     with warnings.catch_warnings():  # one process without a process group is what we mean here
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         return _load_state_dict_from_keys(checkpoint_id=folder)
-
-
-def read_metadata(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{flattened key: (shape, dtype)} of every tensor in a DCP checkpoint folder, from its
-    ``.metadata`` alone (no tensor is read)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = FileSystemReader(folder).read_metadata()
-    return {key: (tuple(entry.size), str(entry.properties.dtype).replace("torch.", ""))
-            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
