@@ -32,13 +32,22 @@ POLL_S = 0.05
 KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
 
 
+# Device nodes of the GPU drivers torch.cuda can use: NVIDIA's (/dev/nvidiactl, also in containers),
+# AMD ROCm's (/dev/kfd) and WSL2's GPU paravirtualisation (/dev/dxg). Without any of them torch
+# counts no GPU, so the launcher can say so without importing torch.
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+CPU_RANKS = 2
+
+
 def default_nproc() -> int:
     """One rank per visible GPU; 2 CPU ranks without one."""
-    # Imported here, only when the count is asked for: the launcher itself never needs torch, and
-    # importing it (~2 s) would delay every worker's start by as much.
+    if not any(os.path.exists(node) for node in GPU_DRIVER_NODES):
+        return CPU_RANKS
+    # Imported here, only when a GPU may be there to count: the launcher itself never needs torch,
+    # and importing it (~2 s) would delay every worker's start by as much.
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+    return torch.cuda.device_count() if torch.cuda.is_available() else CPU_RANKS
 
 
 def say(text: str) -> None:

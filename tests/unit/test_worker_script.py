@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.env import CONFIG_ENV
@@ -47,16 +48,27 @@ def test_a_script_run_by_the_worker_sees_what_python_would_show_it(tmp_path):
     assert seen["argv"][0] == "project/train.py" and seen["name"] == "__main__"
 
 
-def test_the_launcher_starts_its_ranks_without_importing_torch_itself(tmp_path):
-    """Each rank imports torch; the launcher, given launcher.nproc_per_node, does not (importing it
-    there first delayed every rank's start by ~2 s). A rank's script reads its parent's memory map."""
+@pytest.mark.parametrize("nproc", ["given", "counted"])
+def test_the_launcher_starts_its_ranks_without_importing_torch_itself(tmp_path, nproc):
+    """Each rank imports torch; the launcher does not (importing it there first delayed every rank's
+    start by ~2 s): not when given launcher.nproc_per_node, nor when it counts GPUs on a host without
+    a GPU driver (then 2 CPU ranks). A rank's script reads its parent's memory map."""
+    from harness.launch.local import GPU_DRIVER_NODES
+
+    if nproc == "counted" and any(os.path.exists(node) for node in GPU_DRIVER_NODES):
+        pytest.skip("a GPU driver is here: the launcher imports torch to count the GPUs")
     script = tmp_path / "parent_maps.py"
     script.write_text("import os, sys\n"
                       "maps = open(f'/proc/{os.getppid()}/maps').read()\n"
-                      "open(sys.argv[1], 'w').write(repr(['libtorch' in maps, 'libpython' in maps or 'python' in maps]))\n")
-    seen = tmp_path / "seen.txt"
-    result = subprocess.run([sys.executable, "-m", "harness.launch", "launcher.nproc_per_node=1",
+                      "seen = repr(['libtorch' in maps, 'libpython' in maps or 'python' in maps])\n"
+                      "open(sys.argv[1] + os.environ['RANK'], 'w').write(seen)\n")
+    seen = tmp_path / "seen"
+    given = ["launcher.nproc_per_node=1"] if nproc == "given" else []
+    result = subprocess.run([sys.executable, "-m", "harness.launch", *given,
                              f"checkpoint.dir={tmp_path / 'ckpt'}", f"script={script}", f"script_args=[{seen}]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert seen.read_text() == "[False, True]"  # the control: the map was read, and it is a Python process
+    ranks = sorted(path.name for path in tmp_path.glob("seen*"))
+    assert ranks == (["seen0"] if nproc == "given" else ["seen0", "seen1"])
+    for rank in ranks:  # the control: the map was read, and it is a Python process
+        assert (tmp_path / rank).read_text() == "[False, True]"
