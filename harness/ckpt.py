@@ -8,9 +8,11 @@
 PATH is a checkpoint folder (``step_*``), a run's checkpoint folder (its newest complete checkpoint
 whose files are whole is used; newer damaged ones are named on stderr), or a single file: a harness
 ``state.pt``, a plain state_dict, a detectron2/Lightning-style dict, or (with ``--unsafe`` only) a
-pickled full model.
+pickled full model. A folder may be a URL (``s3://bucket/run``, any fsspec URL, as in
+``checkpoint.dir``): ``verify`` reads the objects where they are; the other commands copy the one
+checkpoint they use into a temporary folder (under ``TMPDIR``) first, and remove it when they end.
 
-This module stays long (~470 lines) on purpose: it is the whole CLI, and its four subcommands share
+This module stays long (~650 lines) on purpose: it is the whole CLI, and its four subcommands share
 one way to locate, load and flatten checkpoints; split, each piece would re-import the others.
 """
 
@@ -20,9 +22,11 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -30,7 +34,9 @@ from harness.checkpoint.keys import strip_wrapper_prefixes
 from harness.checkpoint.payload import MODEL, PAYLOAD_FORMAT, extract_model_state
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
 from harness.checkpoint.layout import INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, CheckpointRef, STEP_DIR
+from harness.checkpoint.manifest import entries as manifest_entries
 from harness.checkpoint.store import OK, CheckpointStore
+from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.local import LocalStorage
 
 EXIT_OK = 0
@@ -50,11 +56,16 @@ class ToolError(Exception):
 
 @dataclass
 class Located:
-    """What PATH resolved to: the payload file, and the checkpoint it belongs to if any."""
+    """What PATH resolved to: the payload file, and the checkpoint it belongs to if any. For a URL
+    these are a local copy's; ``shown`` names the payload where it really is."""
 
     file: str
     store: Optional[CheckpointStore] = None
     ref: Optional[CheckpointRef] = None
+    shown: str = ""
+
+    def __post_init__(self) -> None:
+        self.shown = self.shown or self.file
 
 
 def is_checkpoint_folder(path: str) -> bool:
@@ -63,7 +74,81 @@ def is_checkpoint_folder(path: str) -> bool:
     return os.path.exists(os.path.join(path, MANIFEST_NAME)) or bool(STEP_DIR.match(os.path.basename(path)))
 
 
+def is_url(path: str) -> bool:
+    """A remote location (``s3://``, ``gs://``...); ``file://`` and plain paths are local."""
+    return "://" in path and not path.startswith("file://")
+
+
+def open_remote(url: str) -> tuple[CheckpointStore, Optional[str]]:
+    """The run folder's store at ``url``, and the checkpoint's name when ``url`` names one
+    (``.../step_000000100``) rather than a run folder."""
+    url = url.rstrip("/")
+    parent, _, base = url.rpartition("/")
+    root, name = (parent, base) if STEP_DIR.match(base) else (url, None)
+    try:
+        return CheckpointStore(open_storage(root)), name
+    except ImportError as error:  # fsspec names the package its protocol needs (s3fs, gcsfs, ...)
+        raise ToolError(f"{url}: {error}") from None
+
+
+def remote_refs(store: CheckpointStore, what: Callable[[], Any]) -> Any:
+    """``what()`` (a listing or a manifest read of ``store``), its errors in one line."""
+    try:
+        return what()
+    except ToolError:
+        raise
+    except Exception as error:  # the object store's client raises its own types (botocore's, ...)
+        raise ToolError(f"{store.root}: cannot be read ({type(error).__name__}: {error}). HINT: check "
+                        "the credentials and endpoint, as for the training job (S3: the AWS_* variables)") from None
+
+
+# Local copies of remote checkpoints made by this process; main() removes them when it ends.
+LOCAL_COPIES: list[str] = []
+
+
+def locate_remote(url: str) -> Located:
+    """The checkpoint at ``url`` (or a run folder's newest whole one), copied into a temporary
+    folder with its manifest, so every command reads it like a local one."""
+    store, name = open_remote(url)
+    if name is None:
+        ref = remote_refs(store, lambda: _newest_whole(store))
+        if ref is None:
+            raise ToolError(f"{url}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    else:
+        ref = next((r for r in remote_refs(store, store.list_complete) if r.name == name), None)
+        if ref is None:
+            raise ToolError(f"{url}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
+    copy = tempfile.mkdtemp(prefix="harness-ckpt-")
+    LOCAL_COPIES.append(copy)
+    files = [MANIFEST_NAME, *manifest_entries(ref.manifest)]
+    total = sum(size for size, _ in manifest_entries(ref.manifest).values())
+    print(f"harness.ckpt: copying {store.root}/{ref.name} ({len(files)} files, {total / 1e6:.1f} MB) "
+          f"into {copy}", file=sys.stderr)
+    for rel in files:
+        target = os.path.join(copy, ref.name, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            with store.storage.open_read(f"{ref.name}/{rel}") as source, open(target, "wb") as handle:
+                shutil.copyfileobj(source, handle, 8 << 20)
+        except OSError as error:
+            raise ToolError(f"cannot copy {store.root}/{ref.name}/{rel} into {copy}: {error}. HINT: "
+                            "set TMPDIR to a folder with room for the checkpoint") from None
+        except Exception as error:  # the object store's client's own types (botocore's, ...)
+            raise ToolError(f"cannot read {store.root}/{ref.name}/{rel}: {type(error).__name__}: "
+                            f"{error}") from None
+    local = CheckpointStore(LocalStorage(copy))
+    return Located(file=os.path.join(copy, ref.payload_path), store=local, ref=ref,
+                   shown=f"{store.root}/{ref.payload_path}")
+
+
+def remove_local_copies() -> None:
+    while LOCAL_COPIES:
+        shutil.rmtree(LOCAL_COPIES.pop(), ignore_errors=True)
+
+
 def locate(path: str) -> Located:
+    if is_url(path):
+        return locate_remote(path)
     path = path.rstrip("/") or path
     if not os.path.exists(path):
         raise ToolError(f"{path}: no such file or folder")
@@ -170,7 +255,7 @@ def describe(path: str, unsafe: bool = False) -> dict:
     payload = load_any(located.file, unsafe)
     groups = groups_of(payload, located.file) | sharded_groups(located)
     report: dict[str, Any] = {
-        "path": located.file,
+        "path": located.shown,
         "kind": "harness" if isinstance(payload, dict) and payload.get("format") == PAYLOAD_FORMAT else "weights",
         "step": None, "bytes": os.path.getsize(located.file), "groups": {}, "digests": {},
     }
@@ -207,6 +292,12 @@ def verify(path: str) -> list[str]:
     """Print the state of one checkpoint folder, or of every ``step_*`` folder of a run folder, one
     ``<name>: <state>`` line each (OK, CORRUPT, INCOMPLETE, UNUSABLE: see harness.checkpoint.store).
     Returns what is wrong with those that are not OK (empty: every one is OK)."""
+    if is_url(path):
+        store, name = open_remote(path)
+        reports = remote_refs(store, lambda: [store.examine(name)] if name else store.examine_all())
+        if not reports:
+            raise ToolError(f"{path}: no checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+        return _print_reports(store, reports)
     if not os.path.isdir(path):
         raise ToolError(f"{path}: not a checkpoint folder")
     path = path.rstrip("/") or path
@@ -218,6 +309,10 @@ def verify(path: str) -> list[str]:
         reports = store.examine_all()
         if not reports:
             raise ToolError(f"{path}: no checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    return _print_reports(store, reports)
+
+
+def _print_reports(store: CheckpointStore, reports: list) -> list[str]:
     problems = []
     for report in reports:
         print(f"{report.name}: {report.state}")
@@ -248,7 +343,7 @@ def flatten_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, Any],
     leaves = {f"{name}.{key}" if key else name: value
               for name, group in (groups_of(payload, located.file) | sharded_groups(located)).items()
               for key, value in iter_leaves(group)}
-    info = {"path": located.file, "kind": "harness" if harness else "weights",
+    info = {"path": located.shown, "kind": "harness" if harness else "weights",
             "step": int(payload["progress"]["step"]) if harness else None}
     return leaves, info
 
@@ -363,12 +458,11 @@ def print_diff(report: dict) -> None:
 
 # ---- export -----------------------------------------------------------------------------------------
 
-def exportable_weights(path: str, dtype: Optional[str] = None, unsafe: bool = False,
+def exportable_weights(located: Located, dtype: Optional[str] = None, unsafe: bool = False,
                        state: str = MODEL) -> dict[str, torch.Tensor]:
     """The model weights of any checkpoint layout (with ``state``, those of another registered
     object: see ``state_weights``), wrapper prefixes stripped, floating tensors cast to ``dtype``
     (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
-    located = locate(path)
     payload = load_any(located.file, unsafe)
     sharded = sharded_groups(located)
     try:
@@ -425,7 +519,7 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
     prefix = _sharded_prefix(located, state)
     if prefix is not None:
         return _export_sharded(located, prefix, out, dtype, fmt, storage)
-    weights = exportable_weights(path, dtype, unsafe, state)
+    weights = exportable_weights(located, dtype, unsafe, state)
     data = encode(weights) if encode is not None else None
 
     def fill(handle) -> None:
@@ -539,6 +633,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    finally:
+        remove_local_copies()
 
 
 def _run(args: argparse.Namespace) -> int:

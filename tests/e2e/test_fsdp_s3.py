@@ -16,12 +16,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO, kill_tree, launch_cmd, metrics, signal_running, wait_for, worker_pids
+from conftest import REPO, assert_tensors_equal, kill_tree, launch_cmd, metrics, signal_running, wait_for, worker_pids
 from harness.checkpoint.layout import step_dir_name
 from test_fsdp import FSDP, FSDP_STEPS, _assert_same_training, fsdp_reference  # noqa: F401  (a fixture)
 from test_remote import BUCKET, _keys, moto_server, s3_url  # noqa: F401  (fixtures; skip without moto)
@@ -108,6 +110,14 @@ def test_sigterm_under_fsdp_staged_to_s3_resumes_bit_exact(moto_server, s3_url, 
         assert {key.split("/")[0] for key in _keys(moto_server, s3_url)} == kept
     _download(moto_server, s3_url, run)
     _assert_same_training(run, fsdp_reference)
+    if fresh_node:  # the tools read the sharded checkpoint on the bucket as they read its local copy
+        exports = {}
+        for source in (s3_url, str(run)):
+            exports[source] = tmp_path / f"model-{len(exports)}.pt"
+            tool = subprocess.run([sys.executable, "-m", "harness.ckpt", "export", source, str(exports[source])],
+                                  cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert tool.returncode == 0, tool.stderr
+        assert_tensors_equal(torch.load(exports[s3_url]), torch.load(exports[str(run)]))
 
 
 def test_a_shard_missing_from_s3_makes_every_rank_fall_back_and_the_step_is_redone_exactly(

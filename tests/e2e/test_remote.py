@@ -324,3 +324,56 @@ def test_a_resume_from_s3_downloads_the_payload_once_per_node_and_removes_the_co
     assert len(gets) == 2, f"expected the header check and one download for the node's 2 ranks, got {len(gets)}: {gets}"
     assert not list(node_tmp.glob("harness-resume-*")), "the node-local copy must be removed"
     assert _store(s3_url).latest_valid().step == E2E_STEPS
+
+
+def _tool(*args: str, tmpdir: Path) -> subprocess.CompletedProcess:
+    """``python -m harness.ckpt`` as a user runs it, reaching moto through the same variables."""
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    return subprocess.run([sys.executable, "-m", "harness.ckpt", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ckpt_tools_read_a_run_folder_on_s3(moto_server, s3_url, tmp_path):
+    """verify, inspect and export take an s3:// run folder as they take a local one: verify reads the
+    objects where they are and names a corrupted one; export and inspect copy one checkpoint into a
+    temporary folder (removed when the command ends) and skip a newer one that is cut short."""
+    store = _store(s3_url)
+    weights = {step: {"module.fc.weight": torch.randn(4, 3), "module.fc.bias": torch.full((4,), float(step))}
+               for step in (10, 20)}
+    for step, state in weights.items():
+        store.commit(step, lambda handle, state=state: torch.save(state, handle), {"metric": None},
+                     payload_name="state.pt")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+
+    checked = _tool("verify", s3_url, tmpdir=tmpdir)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.splitlines() == ["step_000000010: OK", "step_000000020: OK"]
+
+    shown = _tool("inspect", f"{s3_url}/step_000000010", "--json", tmpdir=tmpdir)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["path"] == f"{s3_url}/step_000000010/state.pt"
+
+    exported = _tool("export", s3_url, str(tmp_path / "model.pt"), tmpdir=tmpdir)
+    assert exported.returncode == 0, exported.stderr
+    assert_tensors_equal(torch.load(tmp_path / "model.pt"), {"fc.weight": weights[20]["module.fc.weight"],
+                                                             "fc.bias": weights[20]["module.fc.bias"]})
+    assert f"copying {s3_url}/step_000000020" in exported.stderr
+    assert not list(tmpdir.iterdir()), "the local copy must be removed"
+
+    key = _key(s3_url, "step_000000020/state.pt")
+    body = moto_server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    moto_server.client().put_object(Bucket=BUCKET, Key=key, Body=body[: len(body) // 2])
+    checked = _tool("verify", s3_url, tmpdir=tmpdir)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines() == ["step_000000010: OK", "step_000000020: CORRUPT"]
+    assert "step_000000020/state.pt" in checked.stderr and "truncated" in checked.stderr
+    exported = _tool("export", s3_url, str(tmp_path / "older.pt"), tmpdir=tmpdir)
+    assert exported.returncode == 0, exported.stderr
+    assert f"skipping {s3_url}/step_000000020" in exported.stderr
+    assert_tensors_equal(torch.load(tmp_path / "older.pt")["fc.bias"], weights[10]["module.fc.bias"])
+
+    missing = _tool("verify", f"{s3_url}-absent", tmpdir=tmpdir)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"harness.ckpt: {s3_url}-absent: no checkpoint (step_*/manifest.json) in this folder"
+    assert not list(tmpdir.iterdir())
