@@ -12,7 +12,7 @@ pickled full model. A folder may be a URL (``s3://bucket/run``, any fsspec URL, 
 ``checkpoint.dir``): ``verify`` reads the objects where they are; the other commands copy the one
 checkpoint they use into a temporary folder (under ``TMPDIR``) first, and remove it when they end.
 
-This module stays long (~650 lines) on purpose: it is the whole CLI, and its four subcommands share
+This module stays long (~670 lines) on purpose: it is the whole CLI, and its four subcommands share
 one way to locate, load and flatten checkpoints; split, each piece would re-import the others.
 """
 
