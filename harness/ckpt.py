@@ -250,6 +250,21 @@ def sharded_groups(located: Located) -> dict[str, Any]:
                         f"{str(error).splitlines()[0] if str(error) else ''}); run verify") from None
 
 
+def sharded_names(located: Located) -> set[str]:
+    """The names of the groups a sharded checkpoint keeps in its ``shards/`` folder, from DCP's
+    metadata (no tensor is read); empty for other checkpoints."""
+    if located.ref is None or located.ref.manifest.get(INFO_SHARDED) != SHARDS_DIR:
+        return set()
+    from torch.distributed.checkpoint import FileSystemReader  # only when needed
+
+    folder = os.path.join(located.store.root, located.ref.name, SHARDS_DIR)
+    try:
+        entries = FileSystemReader(folder).read_metadata().state_dict_metadata
+    except Exception as error:  # DCP raises its own types on damaged files; reported, not swallowed
+        raise ToolError(f"{folder}: the shards' metadata cannot be read ({type(error).__name__}); run verify") from None
+    return {key.split(".", 1)[0] for key in entries}
+
+
 def describe(path: str, unsafe: bool = False) -> dict:
     located = locate(path)
     payload = load_any(located.file, unsafe)
@@ -464,12 +479,12 @@ def exportable_weights(located: Located, dtype: Optional[str] = None, unsafe: bo
     object: see ``state_weights``), wrapper prefixes stripped, floating tensors cast to ``dtype``
     (fp32/fp16/bf16; integer and bool buffers are kept as they are)."""
     payload = load_any(located.file, unsafe)
-    sharded = sharded_groups(located)
     try:
         if state != MODEL:
-            weights = state_weights(groups_of(payload, located.file) | sharded, state)
-        elif MODEL in sharded:
-            weights = strip_wrapper_prefixes(sharded[MODEL])
+            # What the shards hold is streamed by export_weights; here they only name their groups
+            # for the error about a missing ``state``, from DCP's metadata (no tensor is read).
+            in_shards = dict.fromkeys(sharded_names(located))
+            weights = state_weights(in_shards | groups_of(payload, located.file), state)
         else:
             weights = extract_model_state(payload, located.file)
     except ValueError as error:

@@ -320,7 +320,12 @@ FP16_EMA = (*FSDP, "trainer.precision=fp16", "task.loss=tests.tasks.loss_for_con
             "trainer.eval_every=8", "trainer.eval_ema=true", EVAL_DATA)
 
 
-def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path):
+def _rchar() -> int:
+    """Bytes this process has read so far (files, pipes), from /proc/self/io."""
+    return int(next(line for line in open("/proc/self/io") if line.startswith("rchar:")).split()[1])
+
+
+def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path, capsys):
     """SIGTERM to rank 1 of an fp16 + EMA run, resumed: the EMA lives in the shards (each rank wrote
     its part of it), the scaler in the payload, and model, optimizer, EMA, scaler and every logged
     loss (the EMA's evaluation included) equal an uninterrupted run's."""
@@ -342,6 +347,13 @@ def test_fp16_scaler_and_sharded_ema_resume_bit_exact(tmp_path_factory, tmp_path
     assert ckpt_main(["export", str(ckpt_dir), str(out), "--state", "ema"]) == 0
     assert_tensors_equal(torch.load(out, weights_only=True), full["ema"]["shadow"], "exported ema")
     assert ckpt_main(["export", str(ckpt_dir), str(tmp_path / "x.pt"), "--state", "optimizer"]) == 1
+    # A name nothing holds is refused with the names there are, without reading the shards.
+    shard_bytes = sum(path.stat().st_size for path in (ckpt_dir / f"step_{FSDP_STEPS:09d}" / "shards").iterdir())
+    read_before = _rchar()
+    assert ckpt_main(["export", str(ckpt_dir), str(tmp_path / "x.pt"), "--state", "nope"]) == 1
+    assert _rchar() - read_before < shard_bytes / 4
+    assert "holds no state named 'nope'; it holds ['ema', 'model', 'optimizer', 'scaler', 'scheduler']" \
+        in capsys.readouterr().err
     assert payload["state"]["scaler"]["scale"] < 65536.0  # the overflowing loss lowered the scale
     run_rows, ref_rows = metrics(ckpt_dir), metrics(reference)
     evaluated = {step: (row["val_loss"], row["val_loss_ema"]) for step, row in run_rows.items() if "val_loss_ema" in row}
