@@ -1,6 +1,6 @@
 """``python -m benchmarks.gpu``: the async checkpoint of GPU-resident state, against DCP, on one GPU.
 
-    python -m benchmarks.gpu [--sizes 1B,7B] [--reps 2] [--dir /tmp/harness-gpu] [--json FILE]
+    python -m benchmarks.gpu [--sizes 1B,7B] [--reps 2] [--dir /tmp/harness-gpu] [--json FILE] [--ablate]
 
 Sizes: ``1B`` is a 1B-parameter training state in fp32 with AdamW's two moments (12 bytes per
 parameter); ``7B`` is 7B parameters of bf16 weights (2 bytes per parameter: a 7B state with its
@@ -20,6 +20,16 @@ Per size and writer (the harness's ``CheckpointWriter(asynchronous=True)`` and
 
 ``pinned_d2h_GBps`` is measured first (one 1 GiB copy into pinned memory); the target is
 ``gpu_blocked_s <= 1.5 x state bytes / pinned_d2h_GBps``. Never part of CI.
+
+``--ablate`` (issue 23: where does the effective stall go?) also times each part of the writer's
+background work alone, after the same snapshot into the same pinned buffer: ``copy`` (only the
+device-to-host copy), ``hash`` (XXH3 over the buffer in 8 MiB calls, one thread), ``write``
+(O_DIRECT writes of 8 MiB, 4 in flight, and fsync: no hash), ``handoffs`` (the writer's thread
+wake-ups and GIL hand-offs per 8 MiB piece, with no work in them). ``step_slowdown`` is how much
+slower the overlapping steps ran than a step with nothing in flight.
+
+``--device cpu --sizes smoke`` runs the same code on the CPU with a 0.2 GB state (a check that the
+script runs before a GPU's minutes are spent on it; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import statistics
 import sys
@@ -38,14 +49,24 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from harness.checkpoint import checksum
+from harness.checkpoint.storage.directio import ALIGN, CHUNK, IN_FLIGHT, open_direct
 from harness.checkpoint.storage.local import LocalStorage
 from harness.checkpoint.store import CheckpointStore, Retention
-from harness.checkpoint.writer import CheckpointWriter
+from harness.checkpoint.writer import CheckpointWriter, FlatSnapshot
 from harness.env import free_port
 
 GB = 1e9
 TENSOR_ELEMENTS = 1 << 28  # elements per state tensor (1 GiB in fp32)
-SIZES = {"1B": (1_000_000_000, torch.float32, 3), "7B": (7_000_000_000, torch.bfloat16, 1)}
+SIZES = {"1B": (1_000_000_000, torch.float32, 3), "7B": (7_000_000_000, torch.bfloat16, 1),
+         "smoke": (50_000_000, torch.float32, 1)}
+ABLATIONS = ("copy", "hash", "write", "handoffs")
+DEVICE = "cuda"  # --device cpu: the smoke run
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def say(text: str) -> None:
@@ -59,7 +80,7 @@ def build_state(params: int, dtype: torch.dtype, copies: int) -> dict:
         left, index = params, 0
         while left > 0:
             count = min(TENSOR_ELEMENTS, left)
-            state[f"g{group}/t{index}"] = torch.randn(count, device="cuda", dtype=torch.float32).to(dtype)
+            state[f"g{group}/t{index}"] = torch.randn(count, device=DEVICE, dtype=torch.float32).to(dtype)
             left -= count
             index += 1
     return {"state": state}
@@ -73,23 +94,26 @@ class Step:
     """A fixed GPU workload standing in for a training step; ``__call__`` returns its seconds."""
 
     def __init__(self) -> None:
-        self.a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        self.b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        side = 8192 if DEVICE == "cuda" else 512
+        self.a = torch.randn(side, side, device=DEVICE, dtype=torch.bfloat16)
+        self.b = torch.randn(side, side, device=DEVICE, dtype=torch.bfloat16)
         self.repeat = 1
         self()  # the first product initialises cuBLAS: not a step
         while self() < 0.05:
             self.repeat *= 2
 
     def __call__(self) -> float:
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         for _ in range(self.repeat):
             torch.mm(self.a, self.b)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - started
 
 
 def pinned_bandwidth() -> float:
+    if DEVICE != "cuda":
+        return float("nan")
     source = torch.empty(TENSOR_ELEMENTS, device="cuda")
     target = torch.empty(TENSOR_ELEMENTS, pin_memory=True)
     target.copy_(source)
@@ -103,11 +127,11 @@ def pinned_bandwidth() -> float:
 def measure(step: Step, save: Callable[[], Callable[[], bool]], finish: Callable[[], None]) -> dict:
     """One save overlapped with steps. ``save()`` starts it and returns ``done()``."""
     baseline = statistics.median(step() for _ in range(3))
-    torch.cuda.synchronize()
+    sync()
     started = time.perf_counter()
     done = save()
     blocked = time.perf_counter() - started
-    torch.cuda.current_stream().synchronize()
+    sync()
     gpu_blocked = time.perf_counter() - started
     overlapping = []
     while not done():
@@ -115,8 +139,10 @@ def measure(step: Step, save: Callable[[], Callable[[], bool]], finish: Callable
     finish()
     durable = time.perf_counter() - started
     stall = blocked + max(0.0, sum(overlapping) - baseline * len(overlapping))
+    slowdown = statistics.mean(overlapping) / baseline - 1 if overlapping else 0.0
     return {"blocked_s": blocked, "gpu_blocked_s": gpu_blocked, "durable_s": durable,
-            "effective_stall_s": stall, "step_s": baseline, "overlapped_steps": len(overlapping)}
+            "effective_stall_s": stall, "step_s": baseline, "overlapped_steps": len(overlapping),
+            "step_slowdown": slowdown}
 
 
 def harness_reps(payload: dict, folder: str, reps: int, step: Step) -> list[dict]:
@@ -140,6 +166,71 @@ def harness_reps(payload: dict, folder: str, reps: int, step: Step) -> list[dict
     results[0]["snapshot_page_aligned"] = float(buffer.data_ptr() % 4096 == 0)  # O_DIRECT in place
     del writer
     shutil.rmtree(store.root)
+    return results
+
+
+def _hash(image: memoryview) -> None:
+    hasher = checksum.new()
+    for start in range(0, image.nbytes, CHUNK):
+        checksum.update(hasher, image[start:start + CHUNK])
+
+
+def _write(image: memoryview, path: str) -> None:
+    fd = open_direct(path)
+    if fd is None:  # a filesystem without O_DIRECT (tmpfs): buffered, as the harness falls back to
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with ThreadPoolExecutor(max_workers=IN_FLIGHT) as pool:
+            aligned = image.nbytes // ALIGN * ALIGN
+            list(pool.map(lambda start: os.pwrite(fd, image[start:min(start + CHUNK, aligned)], start),
+                          range(0, aligned, CHUNK)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _handoffs(image: memoryview) -> None:
+    """The writer's per-piece thread traffic (a hash task, then a write task that waits for it, at
+    most IN_FLIGHT pieces in flight) with no work inside: what the hand-offs alone cost."""
+    with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=IN_FLIGHT) as io:
+        in_flight: list = []
+        for _ in range(0, image.nbytes, CHUNK):
+            if len(in_flight) >= IN_FLIGHT:
+                in_flight.pop(0).result()
+            hashed = hasher.submit(lambda: None)
+            in_flight.append(io.submit(lambda hashed=hashed: hashed.result()))
+        for future in in_flight:
+            future.result()
+
+
+def ablation_reps(payload: dict, folder: str, reps: int, step: Step) -> dict[str, list[dict]]:
+    """Each part of the background write alone (ABLATIONS), after a snapshot like the writer's."""
+    snapshot = FlatSnapshot()
+    snapshot.take(payload)  # the first take allocates and pins the buffer: not a rep
+    snapshot.wait()
+    nbytes = state_bytes(payload)
+    work = {"copy": lambda image: None, "hash": _hash,
+            "write": lambda image: _write(image, os.path.join(folder, "ablation.bin")),
+            "handoffs": _handoffs}
+    results: dict[str, list[dict]] = {}
+    for rep in range(reps):
+        for mode in ABLATIONS:  # alternated, so a slow minute of the disk is not one mode's
+            done = threading.Event()
+
+            def save() -> Callable[[], bool]:
+                snapshot.take(payload)
+                image = memoryview(snapshot._buffer[:nbytes].numpy())
+
+                def background() -> None:
+                    snapshot.wait()
+                    work[mode](image)
+                    done.set()
+
+                threading.Thread(target=background).start()
+                return done.is_set
+
+            results.setdefault(mode, []).append(measure(step, save, done.wait))
     return results
 
 
@@ -179,12 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--dir", default=None, help="folder on the disk to write (default: a temp folder)")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time each part of the background write alone (copy, hash, write, handoffs)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run of this script without a GPU (use --sizes smoke)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         parser.error("no GPU visible")
     folder = tempfile.mkdtemp(prefix="harness-gpu-bench-", dir=args.dir)
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "none (cpu)", "torch": torch.__version__,
                               "pinned_d2h_GBps": pinned_bandwidth(), "sizes": {}}
     step = Step()
     try:
@@ -201,7 +298,14 @@ def main(argv: list[str] | None = None) -> int:
             report["sizes"][label] = {
                 "state_bytes": nbytes, "dtype": str(dtype), "harness": harness, "dcp_async_save": dcp,
                 "d2h_floor_s": floor, "gpu_blocked_over_floor": harness["gpu_blocked_s"] / floor,
+                "effective_stall_over_floor": harness["effective_stall_s"] / floor,
                 "target_met": harness["gpu_blocked_s"] <= 1.5 * floor}
+            if args.ablate:
+                parts = {mode: summarize(reps) for mode, reps in ablation_reps(payload, folder, args.reps, step).items()}
+                for mode, part in parts.items():
+                    say(f"{label}: {mode} alone: stall {part['effective_stall_s']:.3f} s, steps "
+                        f"{part['step_slowdown']:+.1%} over {part['durable_s']:.2f} s")
+                report["sizes"][label]["ablation"] = parts
             del payload
             torch.cuda.empty_cache()
     finally:

@@ -41,6 +41,26 @@ def test_bench_writes_every_key_as_a_number_for_each_size(tmp_path):
     assert list(tmp_path.iterdir()) == [out], "the bench left files behind"
 
 
+def test_gpu_bench_runs_on_the_cpu_with_its_ablation(tmp_path):
+    """``benchmarks.gpu`` runs where no GPU is, so a lent GPU's few minutes are not lost to a bug in
+    its CPU-side code: every writer and ablated part reports finite figures and leaves no file."""
+    from benchmarks.gpu import ABLATIONS
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--sizes", "smoke",
+                           "--reps", "1", "--ablate", "--dir", str(tmp_path), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["sizes"]["smoke"]
+    writers = {"harness": result["harness"], "dcp": result["dcp_async_save"], **result["ablation"]}
+    assert set(result["ablation"]) == set(ABLATIONS)
+    for name, figures in writers.items():
+        for key in ("blocked_s", "durable_s", "effective_stall_s", "step_s", "step_slowdown"):
+            assert isinstance(figures[key], float) and math.isfinite(figures[key]), (name, key, figures)
+        assert figures["durable_s"] >= figures["blocked_s"] > 0, (name, figures)
+    assert list(tmp_path.iterdir()) == [out], "the bench left files behind"
+
+
 def test_sizes_parse_to_close_shapes():
     for text, params in (("1M", 1e6), ("100M", 100e6), ("500M", 500e6)):
         shape = parse_size(text)

@@ -9,7 +9,8 @@
 #    relaunch; the shards (unsharded) and the payload end bit-identical to an uninterrupted fsdp run,
 #    and the sharded parameters live on cuda:0.
 # 4. The pinned async snapshot (side CUDA stream), blocking / durable / effective stall for 1B and 7B
-#    states against DCP async_save: `python -m benchmarks.gpu` (its report is printed as JSON).
+#    states against DCP async_save: `python -m benchmarks.gpu --ablate` (its report is printed as JSON),
+#    with each part of the background write timed alone (copy, hash, write, thread hand-offs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -132,5 +133,5 @@ PY
 status=$?
 set -e
 bench_dir="${GPU_BENCH_DIR:-$work}"; mkdir -p "$bench_dir"
-"$python" -m benchmarks.gpu --sizes "${GPU_BENCH_SIZES:-1B,7B}" --reps "${GPU_BENCH_REPS:-2}" --dir "$bench_dir" --json "${GPU_BENCH_JSON:-$work/gpu-bench.json}"
+"$python" -m benchmarks.gpu --sizes "${GPU_BENCH_SIZES:-1B,7B}" --reps "${GPU_BENCH_REPS:-2}" --dir "$bench_dir" --json "${GPU_BENCH_JSON:-$work/gpu-bench.json}" --ablate
 exit $status
