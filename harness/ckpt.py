@@ -42,6 +42,7 @@ from harness.checkpoint.storage.local import LocalStorage
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # a problem found (corrupt, different) or a one-line error (missing, unreadable)
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for `cat`, `grep`... whose reader went away
 
 SHA256_SUFFIX = ".sha256"  # OUT.sha256 holds "<hex>  <name>", the format `sha256sum -c` reads
@@ -648,6 +649,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (an export's OUT is left as it was)
+        print("harness.ckpt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         remove_local_copies()
 

@@ -377,3 +377,22 @@ def test_ckpt_tools_read_a_run_folder_on_s3(moto_server, s3_url, tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"harness.ckpt: {s3_url}-absent: no checkpoint (step_*/manifest.json) in this folder"
     assert not list(tmpdir.iterdir())
+
+
+def test_ctrl_c_during_a_copy_from_s3_exits_130_and_removes_the_copy(moto_server, s3_url, tmp_path):
+    """Ctrl-C while ``export`` copies a checkpoint from S3: one line, exit 130, no temporary copy and
+    no OUT left behind."""
+    store = _store(s3_url)
+    big = {"fc.weight": torch.randn(16, 1 << 20)}  # 64 MB: the copy takes a moment
+    store.commit(10, lambda handle: torch.save(big, handle), {"metric": None}, payload_name="state.pt")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    tool = subprocess.Popen([sys.executable, "-m", "harness.ckpt", "export", s3_url, str(tmp_path / "model.pt")],
+                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmpdir)}, stderr=subprocess.PIPE, text=True)
+    first = tool.stderr.readline()
+    assert first.startswith(f"harness.ckpt: copying {s3_url}/step_000000010"), first
+    tool.send_signal(signal.SIGINT)
+    rest = tool.stderr.read()
+    assert tool.wait(timeout=60) == 130, rest
+    assert rest == "harness.ckpt: interrupted\n"
+    assert not list(tmpdir.iterdir()) and not (tmp_path / "model.pt").exists()
