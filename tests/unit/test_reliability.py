@@ -9,10 +9,13 @@ import errno
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
 from torch import nn
+
+from conftest import require_cluster
 
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.format import write_payload
@@ -197,6 +200,10 @@ def test_validate_builds_a_user_loop_config_from_a_dict_with_the_defaults():
 
 def test_slurm_jobs_are_submitted_requeueable_and_a_new_submission_gets_a_fresh_timeout_budget(tmp_path):
     from harness.launch.slurm import TimeoutBudget, make_executor
+
+    # submitit's executor looks for SLURM's srun (no cluster needs to run); CI installs it.
+    require_cluster(shutil.which("srun") is not None, "needs SLURM's client commands (srun): "
+                    "bash slurm/local-cluster.sh start installs them", "HARNESS_REQUIRE_SLURM")
 
     cfg = validate({"launcher": {"backend": "slurm", "timeout_min": 60, "additional": {"comment": "x"}}})
     executor = make_executor(cfg, str(tmp_path))
