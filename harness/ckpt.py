@@ -514,7 +514,15 @@ def state_weights(groups: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     return strip_wrapper_prefixes(held)
 
 
-def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = "torch",
+def format_for(out: str, fmt: Optional[str]) -> str:
+    """``--format`` as given, else what OUT's name says: safetensors for ``*.safetensors``, torch
+    for any other name (``.pt``, ``.pth``, ``.bin``)."""
+    if fmt is not None:
+        return fmt
+    return "safetensors" if out.lower().endswith(".safetensors") else "torch"
+
+
+def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: Optional[str] = None,
                    unsafe: bool = False, state: str = MODEL) -> str:
     """Write the model weights of ``path`` (or those of the registered object ``state``, e.g. the
     EMA) to ``out`` and its checksum to ``out.sha256``.
@@ -524,6 +532,7 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: str = 
     Raises ToolError when the input cannot be read, safetensors is missing for ``--format
     safetensors``, or ``out`` cannot be written (the message names the folder).
     """
+    fmt = format_for(out, fmt)
     if fmt not in EXPORT_FORMATS:
         raise ToolError(f"--format {fmt!r} is invalid: expected one of {EXPORT_FORMATS}")
     encode = _safetensors_encoder() if fmt == "safetensors" else None
@@ -589,7 +598,7 @@ def _export_sharded(located: Located, prefix: str, out: str, dtype: Optional[str
 
 def _safetensors_encoder():
     """A function weights -> safetensors bytes. Raises ToolError when safetensors is not installed."""
-    safetensors_torch = _import_safetensors("--format safetensors")
+    safetensors_torch = _import_safetensors("safetensors output (--format safetensors, or OUT named *.safetensors)")
 
     def encode(weights: dict[str, torch.Tensor]) -> bytes:
         # safetensors refuses tensors that share storage (tied weights, views); independent
@@ -625,8 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES),
                         help="cast floating tensors (default: keep their dtype)")
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="torch", dest="fmt",
-                        help="torch (torch.save) or safetensors (needs the safetensors package)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=None, dest="fmt",
+                        help="torch (torch.save) or safetensors (needs the safetensors package); default: "
+                             "safetensors when OUT ends in .safetensors, else torch")
     export.add_argument("--state", default=MODEL, metavar="NAME",
                         help="export the weights of another registered object instead of the model: "
                              "ema (trainer.ema_decay's average), or any name given to session.register "

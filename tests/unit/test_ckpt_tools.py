@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import require_module
+from conftest import assert_tensors_equal, require_module
 from harness.ckpt import main as ckpt_main
 from harness.checkpoint.payload import Progress, build_payload, capture_rng
 from harness.checkpoint.format import encode
@@ -215,6 +215,21 @@ def test_export_safetensors_round_trips_and_diffs_equal_to_the_checkpoint_model(
     report = _json(capsys)
     assert report["differing"] == [] and report["mismatched"] == [] and report["only_b"] == []
     assert report["only_a"] and all(key.startswith("optimizer.") for key in report["only_a"])
+
+
+def test_export_picks_the_format_from_the_output_name_unless_given(trained, tmp_path, capsys):
+    """``export RUN model.safetensors`` (the README's own line) writes safetensors, not a torch pickle
+    under that name; other names get torch files; ``--format`` decides when given."""
+    safetensors_torch = require_module("safetensors.torch", SAFETENSORS)
+    root, model, _ = trained
+    named = {"model.safetensors": ([], "safetensors"), "model.pt": ([], "torch"),
+             "forced.bin": (["--format", "safetensors"], "safetensors")}
+    for name, (flags, kind) in named.items():
+        assert ckpt_main(["export", str(root), str(tmp_path / name), *flags]) == 0
+        loaded = (safetensors_torch.load_file(str(tmp_path / name)) if kind == "safetensors"
+                  else torch.load(tmp_path / name, weights_only=True))
+        assert_tensors_equal(loaded, model.state_dict())
+    capsys.readouterr()
 
 
 def test_export_safetensors_accepts_tied_weights(tmp_path, capsys):
