@@ -30,6 +30,9 @@ from harness.stop.flag import LAUNCHER_SIGNALS
 # (terminal closed) is passed on as SIGTERM.
 POLL_S = 0.05
 KILL_AFTER_FAILURE_S = 10.0  # time the surviving ranks get to report a failed peer before SIGKILL
+# After a second Ctrl-C a rank raises KeyboardInterrupt at once, unless it is blocked in native code
+# (a collective whose peer never comes), where no Python handler runs: those are killed after this.
+KILL_AFTER_INTERRUPT_S = 5.0
 
 
 # Device nodes of the GPU drivers torch.cuda can use: NVIDIA's (/dev/nvidiactl, also in containers),
@@ -61,6 +64,7 @@ class WorkerGroup:
     procs: list[subprocess.Popen]
     stop_signals: frozenset[int]  # what the ranks handle (preempt.signals)
     signals_received: list[int] = field(default_factory=list)
+    interrupted_at: Optional[float] = None  # time.monotonic() of the second Ctrl-C
 
     def translate(self, signum: int) -> Optional[int]:
         """The signal to send the ranks for one the launcher caught, or None to send nothing."""
@@ -72,6 +76,8 @@ class WorkerGroup:
 
     def forward(self, signum: int, frame) -> None:
         self.signals_received.append(signum)
+        if self.signals_received.count(signal.SIGINT) == 2:
+            self.interrupted_at = time.monotonic()
         target = self.translate(signum)
         if target is None:
             say(f"{signal.Signals(signum).name} is not in preempt.signals: not forwarded to the ranks")
@@ -162,6 +168,9 @@ def _wait(group: WorkerGroup) -> int:
             break
         if failed_at is not None and time.monotonic() - failed_at > KILL_AFTER_FAILURE_S:
             group.kill_all()
+        if group.interrupted_at is not None and time.monotonic() - group.interrupted_at > KILL_AFTER_INTERRUPT_S:
+            _kill_after_interrupt(group)
+            return EXIT_INTERRUPTED
         time.sleep(POLL_S)
     if any(code == EXIT_INTERRUPTED for _, code in failures):
         return EXIT_INTERRUPTED  # the others failed because of it (a peer gone mid-collective)
@@ -172,6 +181,18 @@ def _wait(group: WorkerGroup) -> int:
             "newest checkpoint")
         return PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+
+
+def _kill_after_interrupt(group: WorkerGroup) -> None:
+    """The second Ctrl-C was forwarded, yet some ranks still run: kill them, and say so."""
+    alive = [f"{rank} (pid {proc.pid})" for rank, proc in enumerate(group.procs) if proc.poll() is None]
+    group.kill_all()
+    for proc in group.procs:
+        proc.wait()
+    say(f"rank{'s' if len(alive) > 1 else ''} {', '.join(alive)} did not stop within {KILL_AFTER_INTERRUPT_S:.0f} s "
+        "of the second Ctrl-C (blocked in a collective or in native code): killed. The job stopped "
+        f"without saving at your request; exit code {EXIT_INTERRUPTED}. Relaunch the same command to "
+        "resume from the newest checkpoint")
 
 
 def _report_failures(group: WorkerGroup, failures: list[tuple[int, int]], running: bool) -> None:

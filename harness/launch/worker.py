@@ -10,9 +10,12 @@ that reaches a rank while it starts is then a stop request, not a crash.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -201,6 +204,26 @@ def install_stop_handlers(signals: Optional[Sequence[str]] = None) -> StopFlag:
     return flag
 
 
+LAUNCHER_POLL_S = 1.0
+
+
+def watch_launcher(launcher_pid: int, grace_s: float) -> None:
+    """Exit this rank if its launcher died and it has not stopped within ``grace_s``.
+
+    A rank whose launcher dies gets SIGTERM (PR_SET_PDEATHSIG, harness.launch.local) and saves and
+    exits; but one blocked in native code (a collective whose peer never comes) never runs that
+    handler, and would live on as an orphan holding its memory and device. Runs in a daemon thread
+    (collectives release the GIL while they wait); prints where the rank is stuck, then exits."""
+    while os.getppid() == launcher_pid:
+        time.sleep(LAUNCHER_POLL_S)
+    time.sleep(grace_s)
+    print(f"[rank {os.environ.get('RANK', '?')}] the launcher is gone and this rank did not stop within "
+          f"preempt.grace_s={grace_s:g} s (blocked in a collective or in native code?): exiting. Where "
+          "it was:", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    exit_now(EXIT_ERROR)
+
+
 def main() -> int:
     """``python -m harness.launch.worker``: one rank started by the local launcher."""
     from harness.env import CONFIG_ENV
@@ -212,6 +235,9 @@ def main() -> int:
         return 2
     config_data = yaml.safe_load(text)
     flag = install_stop_flag(config_data)
+    grace_s = float((config_data.get("preempt") or {}).get("grace_s", 30.0))
+    threading.Thread(target=watch_launcher, args=(os.getppid(), grace_s), name="harness-launcher-watch",
+                     daemon=True).start()
     try:
         return run_worker(config_data, flag)
     except Exception:

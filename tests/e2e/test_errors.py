@@ -185,6 +185,65 @@ def test_a_full_disk_under_the_checkpoint_folder_is_one_line_with_a_free_space_h
 
 # ---- a double Ctrl-C is a request, not a crash -------------------------------------------------------
 
+DEADLOCK = REPO / "tests" / "scripts" / "deadlock.py"
+
+
+def _start_deadlock(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, dict[int, int]]:
+    """Two ranks blocked in a collective for good (tests/scripts/deadlock.py), both known to be there."""
+    ready = tmp_path / "ready"
+    launcher = start_launch(tmp_path / "ckpt", "launcher.nproc_per_node=2", f"script={DEADLOCK}",
+                            f"script_args=[{ready}]", *overrides, log_path=tmp_path / "job.log")
+    pids = worker_pids(launcher)
+    wait_for(lambda: all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)), 90, "both ranks to block")
+    time.sleep(0.5)  # from writing the file to waiting in recv
+    return launcher, pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_a_double_ctrl_c_stops_ranks_blocked_in_a_collective(tmp_path):
+    """Ranks stuck in native code never run their KeyboardInterrupt: the launcher kills them a few
+    seconds after the second Ctrl-C, says so, and exits 130 (before: it waited forever)."""
+    launcher, pids = _start_deadlock(tmp_path)
+    try:
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGINT)
+        code = launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+    output = (tmp_path / "job.log").read_text()
+    assert code == 130, output
+    assert "did not stop within 5 s of the second Ctrl-C (blocked in a collective or in native code): killed" \
+        in output, output
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_ranks_blocked_in_a_collective_exit_after_their_launcher_died(tmp_path):
+    """SIGKILL of the launcher: its ranks get SIGTERM but, blocked in a collective, cannot act on it;
+    each exits preempt.grace_s later on its own, saying where it was stuck, instead of living on as
+    an orphan."""
+    launcher, pids = _start_deadlock(tmp_path, "preempt.grace_s=2")
+    launcher.kill()
+    launcher.wait()
+    try:
+        wait_for(lambda: not any(_alive(pid) for pid in pids.values()), 30, "the orphaned ranks to exit")
+    finally:
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    output = (tmp_path / "job.log").read_text()
+    for rank in (0, 1):
+        assert f"[rank {rank}] the launcher is gone and this rank did not stop within preempt.grace_s=2 s" in output
+    assert "in main" in output and "deadlock.py" in output  # the stack it was stuck in
+
 def test_a_double_ctrl_c_says_the_job_stopped_at_your_request_and_exits_130(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
