@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -111,7 +110,7 @@ class CheckpointManager:
         self._lock_fd: Optional[int] = None  # rank 0's lock on the run folder
         # Payload maps that verification read in, by path: the load reuses them (store.problems).
         self._verified_maps: dict[str, mmap.mmap] = {}
-        self.read_ahead_thread: Optional[threading.Thread] = None  # see read_ahead
+        self.reading_ahead: Optional[prefetch.ReadAhead] = None  # see read_ahead
 
     # ----- one job per folder ---------------------------------------------------------------------
     def lock(self) -> None:
@@ -156,6 +155,8 @@ class CheckpointManager:
     def resume_point(self) -> Optional[CheckpointRef]:
         """The checkpoint this run resumes from (None: a fresh start); a collective on first call."""
         if self._resume_point is None:
+            if self.reading_ahead is not None:  # the resume reads the rest itself
+                self.reading_ahead.stop()
             self._resume_point = (self._choose(),) if self.resumes() else (None,)
         return self._resume_point[0]
 
@@ -165,7 +166,7 @@ class CheckpointManager:
         collective: the resume still lists, verifies and chooses on its own). Each rank reads the
         files it verifies; local rank 0 also the payload, which every rank of its node loads."""
         if self.resumes() and not self.ckpt.staging_dir and self.store.storage.local_path("") is not None:
-            self.read_ahead_thread = prefetch.start(self.files_to_read_ahead)
+            self.reading_ahead = prefetch.start(self.files_to_read_ahead)
 
     def files_to_read_ahead(self) -> list[str]:
         """The local paths ``read_ahead`` reads on this rank (lists the run folder)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from harness.checkpoint.checksum import READ_CHUNK, open_regular
 
@@ -28,15 +28,30 @@ log = logging.getLogger("harness")
 MEMORY_SHARE = 0.5
 
 
-def start(files: Callable[[], Iterable[str]]) -> threading.Thread:
+class ReadAhead:
+    """The read-ahead thread, and the way to end it: ``stop()`` when the resume itself starts reading
+    (it reads what is left anyway), so the thread is gone before DataLoader forks its workers (a
+    child forked while another thread runs inherits that thread's locks, held forever)."""
+
+    def __init__(self, files: Callable[[], Iterable[str]]):
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=_read_quietly, args=(files, self.stopped), name="harness-prefetch",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """End the read within one chunk, and wait for the thread."""
+        self.stopped.set()
+        self.thread.join()
+
+
+def start(files: Callable[[], Iterable[str]]) -> ReadAhead:
     """Read the local files that ``files()`` names (called in the thread: listing a run folder is
-    part of the work hidden) into the page cache, in a daemon thread; returns the thread."""
-    thread = threading.Thread(target=_read_quietly, args=(files,), name="harness-prefetch", daemon=True)
-    thread.start()
-    return thread
+    part of the work hidden) into the page cache, in a daemon thread, until stopped."""
+    return ReadAhead(files)
 
 
-def _read_quietly(files: Callable[[], Iterable[str]]) -> None:
+def _read_quietly(files: Callable[[], Iterable[str]], stopped: threading.Event) -> None:
     try:
         paths = list(files())
         total = sum(os.path.getsize(path) for path in paths)
@@ -46,16 +61,17 @@ def _read_quietly(files: Callable[[], Iterable[str]]) -> None:
             return
         buffer = bytearray(READ_CHUNK)
         for path in paths:
-            read_file(path, buffer)
+            read_file(path, buffer, stopped)
     except Exception as error:  # a hint only: the resume itself reports what is wrong
         log.debug("reading the checkpoint ahead failed: %s: %s", type(error).__name__, error)
 
 
-def read_file(path: str, buffer: bytearray) -> None:
-    """Read a regular file through the page cache, in big requests (the kernel reads ahead of them)."""
+def read_file(path: str, buffer: bytearray, stopped: Optional[threading.Event] = None) -> None:
+    """Read a regular file through the page cache, in big requests (the kernel reads ahead of them),
+    until its end or ``stopped``."""
     fd = open_regular(path)
     with open(fd, "rb", buffering=0, closefd=True) as handle:
-        while handle.readinto(buffer):
+        while handle.readinto(buffer) and not (stopped is not None and stopped.is_set()):
             pass
 
 

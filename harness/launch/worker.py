@@ -213,7 +213,8 @@ def watch_launcher(launcher_pid: int, grace_s: float) -> None:
     A rank whose launcher dies gets SIGTERM (PR_SET_PDEATHSIG, harness.launch.local) and saves and
     exits; but one blocked in native code (a collective whose peer never comes) never runs that
     handler, and would live on as an orphan holding its memory and device. Runs in a daemon thread
-    (collectives release the GIL while they wait); prints where the rank is stuck, then exits."""
+    (collectives release the GIL while they wait) that holds no lock while it sleeps, so a
+    DataLoader worker forked meanwhile inherits nothing held; prints where the rank is stuck, exits."""
     while os.getppid() == launcher_pid:
         time.sleep(LAUNCHER_POLL_S)
     time.sleep(grace_s)

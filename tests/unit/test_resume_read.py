@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_a_restart_reads_its_checkpoint_into_memory_while_the_script_builds_its_
     seen = {}
 
     def before_model(session: Session) -> None:
-        session.checkpoints.read_ahead_thread.join(timeout=30)
+        session.checkpoints.reading_ahead.thread.join(timeout=30)
         seen["resident"] = _resident_bytes(payload)
 
     session = _train(tmp_path, max_steps=4, before_model=before_model)
@@ -93,3 +94,39 @@ def test_each_rank_reads_ahead_the_files_it_verifies_and_a_node_s_first_rank_the
     assert read_by(1, 1) == {"shards/__1_0.distcp"}
     assert read_by(2, 0) == {PAYLOAD_NAME, "shards/__2_0.distcp"}  # the second node's first rank
     assert read_by(3, 1) == {"shards/__3_0.distcp"}
+
+
+def test_the_read_ahead_ends_when_the_resume_starts(tmp_path):
+    """The read-ahead thread is gone once the resume has chosen its checkpoint, before DataLoader
+    forks any worker (a fork while another thread runs can leave the child holding its locks)."""
+    _train(tmp_path, max_steps=2)
+    seen = {}
+
+    def before_model(session: Session) -> None:
+        seen["reading"] = session.checkpoints.reading_ahead
+
+    session = _train(tmp_path, max_steps=4, before_model=before_model)
+    assert seen["reading"] is not None and seen["reading"].stopped.is_set()
+    assert not seen["reading"].thread.is_alive()
+    assert session.resumed_from.step == 2
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
+def test_a_stopped_read_ahead_reads_one_chunk_more_at_most(tmp_path):
+    from harness.checkpoint import prefetch
+
+    big = tmp_path / "big"
+    big.write_bytes(b"\0" * (64 << 20))
+    chunk = bytearray(1 << 20)
+    stopped = threading.Event()
+    before = _rchar()
+    prefetch.read_file(str(big), chunk)
+    whole = _rchar() - before
+    stopped.set()
+    before = _rchar()
+    prefetch.read_file(str(big), chunk, stopped)
+    assert whole >= 64 << 20 and _rchar() - before <= 2 * len(chunk)
