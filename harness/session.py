@@ -77,6 +77,7 @@ class Session:
         self._started = False
         self._in_step = False  # inside the body of batches(): the state is mid-step
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
+        self._signal_at: Optional[float] = None  # time.monotonic() of the first rank's stop request
         self._save_requested = False  # save() called mid-step, carried out when the step ends
         self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
         self._own_sampler = False  # the loader's order is the user's sampler, not the harness's
@@ -262,10 +263,11 @@ class Session:
         if self._stop_reason:
             return True
         started = time.perf_counter()
-        reason, interval = agree(self.flag, self.env.device, self.clock.propose())
+        reason, interval, request_age_s = agree(self.flag, self.env.device, self.clock.propose())
         self.clock.agreed(self.progress.step, interval, time.perf_counter() - started)
         if not reason:
             return False
+        self._signal_at = time.monotonic() - request_age_s if request_age_s else None
         if self._in_step:
             self._stop_reason = reason
             return True
@@ -483,14 +485,16 @@ class Session:
         self.save()
         self.checkpoints.flush()  # async writes and staged uploads included: durable at the destination
         done = time.monotonic()
-        # From this rank's own signal when it got one, else from the agreement.
-        since_signal = done - (self.flag.requested_at or started)
+        # From the first signal on any rank (its age came with the agreement), else from the agreement.
+        signal_at = min(self._signal_at or started, started)
+        since_signal = done - signal_at
         self.say(f"stop requested ({reason}) at step {self.progress.step}: checkpoint "
                  f"{self.store.root}/{step_dir_name(self.progress.step)} durable {done - started:.2f}s after "
                  f"the agreement ({since_signal:.2f}s after the signal); exiting with code "
                  f"{PREEMPTED_EXIT_CODE} (relaunch to resume)")
         warning = grace_warning(since_signal, self.cfg.preempt.grace_s,
-                                "the signal -> durable checkpoint (uploads included)")
+                                "the signal -> durable checkpoint (uploads included)",
+                                waited_s=started - signal_at)
         if warning:
             self.say("WARNING: " + warning)
         raise Preempted(self.progress.step, reason)

@@ -9,6 +9,7 @@ at the same step, save once and exit with PREEMPTED_EXIT_CODE.
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import torch
@@ -31,19 +32,22 @@ class Preempted(SystemExit):
         self.reason = reason
 
 
-def agree(flag: StopFlag, device: torch.device, proposed_interval: int = 1) -> tuple[int, int]:
-    """One all-reduce(MAX) of [stop reason, steps until the next agreement].
+def agree(flag: StopFlag, device: torch.device, proposed_interval: int = 1) -> tuple[int, int, float]:
+    """One all-reduce(MAX) of [stop reason, steps until the next agreement, age of the request].
 
-    Returns the agreed reason (non-zero on every rank if any rank wants to stop) and the agreed
+    Returns the agreed reason (non-zero on every rank if any rank wants to stop), the agreed
     interval (rank 0 proposes it, the others send 0), so every rank calls the next agreement at the
-    same step. A single process has nobody to agree with: it reads its flag at every step's end.
+    same step, and the seconds since the first rank's stop request (0.0 without one): each rank
+    sends its own request's age, so the stop line times from the signal wherever it arrived. A
+    single process has nobody to agree with: it reads its flag at every step's end.
     """
+    age_ms = 0 if flag.requested_at is None else int(1000 * (time.monotonic() - flag.requested_at))
     if not (dist.is_available() and dist.is_initialized()):
-        return flag.reason, 1
-    tensor = torch.tensor([flag.reason, proposed_interval], dtype=torch.int64, device=device)
+        return flag.reason, 1, age_ms / 1000
+    tensor = torch.tensor([flag.reason, proposed_interval, age_ms], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    reason, interval = tensor.tolist()
-    return int(reason), max(1, int(interval))
+    reason, interval, oldest_ms = tensor.tolist()
+    return int(reason), max(1, int(interval)), oldest_ms / 1000
 
 
 AUTO_OVERHEAD = 0.01  # auto interval: agreement costs at most 1% of training time...
@@ -105,12 +109,19 @@ class AgreementClock:
         self.next_step = step + interval
 
 
-def grace_warning(save_s: float, grace_s: float, what: str = "the last checkpoint save") -> Optional[str]:
+def grace_warning(save_s: float, grace_s: float, what: str = "the last checkpoint save",
+                  waited_s: float = 0.0) -> Optional[str]:
     """A warning when ``what`` (which took ``save_s``) would not fit in the grace window (with 20%
-    headroom)."""
+    headroom). ``waited_s``: the part of it spent before the ranks agreed to stop (the step or the
+    loop of yours that was running), when most of the time went there rather than to the save."""
     if save_s * 1.2 <= grace_s:
         return None
-    return (f"{what} took {save_s:.1f}s, which does not fit the {grace_s:.0f}s "
-            "grace window (preempt.grace_s) with headroom: a preemption may kill the job mid-save. "
-            "HINT: raise the scheduler's grace time / signal lead, or enable checkpoint.async_save")
-
+    problem = (f"{what} took {save_s:.1f}s, which does not fit the {grace_s:.0f}s grace window "
+               "(preempt.grace_s) with headroom: a preemption may kill the job mid-save. ")
+    if waited_s > save_s / 2:
+        return problem + (f"{waited_s:.1f}s of it passed before the ranks agreed to stop. HINT: a long "
+                          "step or a loop of yours (an evaluation) ran between agreements: set "
+                          "preempt.check_every=1, or end such a loop early with session.check_stop() "
+                          "where its results may be dropped (README: Exactness)")
+    return problem + ("HINT: raise the scheduler's grace time / signal lead, or enable "
+                      "checkpoint.async_save")

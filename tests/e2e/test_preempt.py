@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import signal
 import threading
 import time
@@ -15,7 +16,7 @@ import torch
 from conftest import (assert_same_training, kill_tree, metrics, run_launch, signal_job, start_launch, stop_lines,
                       steps_with_saves, wait_for, worker_pids)
 from harness.config import PREEMPTED_EXIT_CODE, validate
-from harness.stop.agreement import Preempted, auto_interval
+from harness.stop.agreement import Preempted, auto_interval, grace_warning
 from harness.stop.spot import notice_present
 from harness.stop.flag import StopFlag
 from harness.session import Session
@@ -160,6 +161,15 @@ def test_auto_agreement_interval_keeps_the_check_under_one_percent():
     assert auto_interval(step_s=0.0, agree_s=0.001) == 1
 
 
+def test_the_grace_warning_names_where_the_time_went():
+    assert grace_warning(20.0, 30.0) is None  # fits, with 20% headroom
+    slow_save = grace_warning(29.0, 30.0, waited_s=1.0)
+    assert "took 29.0s" in slow_save and "checkpoint.async_save" in slow_save
+    slow_loop = grace_warning(29.0, 30.0, waited_s=27.0)
+    assert "27.0s of it passed before the ranks agreed to stop" in slow_loop
+    assert "preempt.check_every=1" in slow_loop and "async_save" not in slow_loop
+
+
 def test_notice_parsing():
     assert notice_present("aws", b'{"action": "terminate"}', 200)
     assert not notice_present("aws", b"", 404)
@@ -291,6 +301,7 @@ def test_previous_python_handler_is_chained_and_restored():
 
 
 PAUSE_HOOK = Path(__file__).resolve().parents[1] / "scripts" / "pause_at"
+HELD_AFTER_SIGNAL_S = 1.0
 
 
 @pytest.mark.parametrize("phase", ["import_torch", "rendezvous"])
@@ -313,7 +324,7 @@ def test_a_stop_signal_at_each_start_up_phase_is_a_stop_request(tmp_path, monkey
             os.kill(pids[1], signal.SIGTERM)
         # A moment for the launcher to forward it while the ranks are held (were it late, the
         # ranks would see it later in start-up: the assertions below hold either way).
-        time.sleep(0.2)
+        time.sleep(HELD_AFTER_SIGNAL_S)
         (pause / "go").touch()
 
     ckpt_dir, output = _interrupt(tmp_path, send, after_step=0)
@@ -321,3 +332,7 @@ def test_a_stop_signal_at_each_start_up_phase_is_a_stop_request(tmp_path, monkey
     stops = stop_lines(output)
     assert set(stops) == {0, 1} and len(set(stops.values())) == 1, output
     assert steps_with_saves(ckpt_dir) == [stops[0]]
+    # Rank 0 prints the stop line; it times it from the signal wherever it arrived (rank 1 alone
+    # too), so it counts the time the ranks were held after it.
+    since_signal = float(re.search(r"\(([0-9.]+)s after the signal\)", output).group(1))
+    assert since_signal >= HELD_AFTER_SIGNAL_S, output
