@@ -258,7 +258,8 @@ class Session:
         an agreed stop saves the last completed step and raises Preempted on every rank. Inside a
         step (the body of ``batches()``) the model may already hold the NEXT step's weights, so the
         stop is deferred: it returns True, and the save and Preempted happen when the step ends;
-        use it to cut an evaluation short (``if session.check_stop(): break``). False: no stop.
+        use it to cut an evaluation short (``if session.check_stop(): break``) when nothing but a
+        report depends on it: what the step skips is not redone after the resume. False: no stop.
         """
         if self._stop_reason:
             return True
@@ -471,6 +472,9 @@ class Session:
         # Values belong to the step they were logged in; every save of this step (periodic, a
         # stop's, save() between steps) finds its checkpoint.best_metric value there.
         self._ended_metrics, self.metrics = self.metrics, {}
+        # Every save of this step says whether a stop was agreed inside it: the loop may have cut
+        # work short on it (an evaluation), which a resume cannot redo and says so.
+        self.progress.stopped_inside = bool(self._stop_reason)
         last = step >= self.cfg.trainer.max_steps
         if step % self.cfg.checkpoint.every_steps == 0 or last or self._save_requested:
             self.save()

@@ -74,6 +74,13 @@ def sharded_folder(path: str) -> Optional[str]:
     return None
 
 
+STOPPED_INSIDE = ("note: the stop was agreed inside step {step} (session.check_stop() returned True there). "
+                  "Whatever your loop cut short on it in that step (an evaluation, an epoch's end: a "
+                  "learning-rate change or a best model chosen on its result) is not redone: the run goes "
+                  "on from the state that step was left in. HINT: let an evaluation whose result changes "
+                  "training run to its end (README: Exactness)")
+
+
 class CheckpointManager:
     """Resume, save and flush for one rank; see the module docstring."""
 
@@ -395,6 +402,9 @@ class CheckpointManager:
         self.say(f"resumed from {self.store.root}/{ref.name} at step {self.progress.step} "
                  f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch}) "
                  f"in {time.perf_counter() - started:.2f}s; restart #{self.env.restart_count}")
+        if self.progress.stopped_inside:
+            self.say(STOPPED_INSIDE.format(step=self.progress.step))
+            self.progress.stopped_inside = False  # later saves of this run are whole steps again
         save_s = ref.manifest.get("write_s")
         warning = grace_warning(save_s, self.cfg.preempt.grace_s) if save_s else None
         if warning:

@@ -46,10 +46,12 @@ class Progress:
     batch_in_epoch: int = 0  # batches of this epoch already trained on
     world_size: int = 1  # world size that produced batch_in_epoch (to remap on a resize)
     data_unit: Optional[int] = None  # samples per batch over all ranks (None: files before it existed)
+    stopped_inside: bool = False  # the stop was agreed inside this step (check_stop() said True there)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world_size, "data_unit": self.data_unit}
+                "world_size": self.world_size, "data_unit": self.data_unit,
+                "stopped_inside": self.stopped_inside}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -58,6 +60,7 @@ class Progress:
         self.world_size = int(state.get("world_size", self.world_size))
         unit = state.get("data_unit")
         self.data_unit = None if unit is None else int(unit)
+        self.stopped_inside = bool(state.get("stopped_inside", False))
 
 
 class StateRegistry:

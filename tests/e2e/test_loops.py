@@ -113,7 +113,14 @@ def test_a_stop_agreed_anywhere_in_a_users_step_saves_that_whole_step(tmp_path, 
     resumed = _script(ckpt_dir)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_resumed_from(resumed.stdout, ckpt_dir, at)
+    # The script's check_stop() said True inside the step: the resume says what it cannot redo.
+    assert f"note: the stop was agreed inside step {at} (session.check_stop() returned True there)" \
+        in resumed.stdout, resumed.stdout
     assert_tensors_equal(newest_payload(ckpt_dir)["state"], newest_payload(script_reference)["state"])
+    if where == "in_eval":  # the control: the final save is a whole step, so resuming it says nothing
+        again = _script(ckpt_dir)
+        assert_resumed_from(again.stdout, ckpt_dir, SCRIPT_STEPS)
+        assert "agreed inside step" not in again.stdout, again.stdout
 
 
 @pytest.mark.parametrize("where", ["before_forward", "after_step"])
