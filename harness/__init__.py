@@ -3,7 +3,7 @@
 The public API, imported lazily so that ``import harness`` stays light (a rank installs its stop
 handlers before anything imports torch)::
 
-    from harness import Session, Preempted, CheckpointError, validate, load_config, entrypoint
+    from harness import Session, Preempted, CheckpointError, Values, validate, load_config, entrypoint
 """
 
 from __future__ import annotations
@@ -26,9 +26,14 @@ _EXPORTS = {
     "load_config": "harness.session",
     "entrypoint": "harness.launch.worker",
     "install_stop_handlers": "harness.launch.worker",
+    "Values": "harness.checkpoint.payload",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion finds them
 
 
 def __getattr__(name: str) -> Any:

@@ -63,6 +63,31 @@ class Progress:
         self.stopped_inside = bool(state.get("stopped_inside", False))
 
 
+class Values:
+    """A training loop's plain values that a resume must bring back (``best_acc1``, a learning rate
+    the loop anneals by hand, ``best_val_loss``), as attributes::
+
+        kept = harness.Values(best_acc1=0.0, lr=args.lr)
+        session.register(kept=kept)          # restored here on a resume
+        kept.best_acc1 = max(kept.best_acc1, acc1)
+
+    Plain data only (numbers, inf and nan included, strings, lists, dicts, tensors). Like every
+    registered object it is saved from rank 0: keep in it what is the same on every rank. A name
+    missing from an older checkpoint keeps the value given here."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"Values({', '.join(f'{name}={value!r}' for name, value in self.__dict__.items())})"
+
+
 class StateRegistry:
     """Named objects whose state is saved and restored. Models are saved unwrapped (no prefixes)."""
 
@@ -71,13 +96,17 @@ class StateRegistry:
 
     def register(self, name: str, obj: Any) -> None:
         if name in self._objects:
-            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
+            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
+                             + (" (session.prepare registers the model it prepares as 'model')"
+                                if name == MODEL else ""))
         if obj is None:
             return
         if isinstance(obj, torch.nn.Module):
             obj = unwrap_model(obj)
         if not isinstance(obj, Stateful):
-            raise TypeError(f"{name!r} ({type(obj).__name__}) has no state_dict()/load_state_dict()")
+            raise TypeError(f"{name!r} ({type(obj).__name__}) has no state_dict()/load_state_dict()"
+                            + (f". HINT: keep plain values in harness.Values({name}=...) and register that"
+                               if isinstance(obj, (int, float, str, bool, list, dict, tuple)) else ""))
         self._objects[name] = obj
 
     @property

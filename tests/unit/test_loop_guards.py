@@ -101,3 +101,40 @@ def test_a_stops_checkpoint_records_the_best_metric_logged_in_its_step(tmp_path)
     step = stopped.value.step
     manifest = json.loads((tmp_path / f"step_{step:09d}" / "manifest.json").read_text())
     assert manifest["metric"] is not None and manifest["metric"] > 0, manifest
+
+
+def _train_with_values(ckpt_dir: Path, max_steps: int, kept) -> Session:
+    with Session(_config(ckpt_dir, max_steps), env=SINGLE) as session:
+        model = session.prepare(torch.nn.Linear(2, 1))
+        session.register(kept=kept)
+        for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)):
+            model(batch).sum().backward()
+            kept.best_acc1 = max(kept.best_acc1, float(session.step))
+            kept.history.append(session.step)
+    return session
+
+
+def test_plain_values_in_harness_values_come_back_on_a_resume(tmp_path):
+    """A loop's plain values (best_acc1, a hand-annealed lr, best_val_loss starting at inf) resume
+    with the run; one added to the script since the checkpoint keeps its new default."""
+    import harness
+
+    kept = harness.Values(best_acc1=0.0, lr=20.0, best_val_loss=float("inf"), history=[])
+    _train_with_values(tmp_path, 3, kept)
+    kept.lr = 5.0  # annealed by the loop after the last save: not in the checkpoint
+    resumed = harness.Values(best_acc1=0.0, lr=20.0, best_val_loss=0.0, history=[], added_later="default")
+    session = _train_with_values(tmp_path, 5, resumed)
+    assert session.resumed_from.step == 3
+    assert resumed.lr == 20.0 and resumed.best_val_loss == float("inf") and resumed.added_later == "default"
+    assert resumed.history == [0, 1, 2, 3, 4] and resumed.best_acc1 == 4.0
+    assert "Values" in dir(harness)
+
+
+def test_registering_a_plain_value_says_how_to_keep_it(tmp_path):
+    with Session(_config(tmp_path, 1), env=SINGLE) as session:
+        session.prepare(torch.nn.Linear(2, 1))
+        with pytest.raises(TypeError, match=r"'best_acc1' \(float\) has no state_dict\(\)/load_state_dict\(\)\. "
+                                            r"HINT: keep plain values in harness\.Values\(best_acc1=\.\.\.\)"):
+            session.register(best_acc1=0.0)
+        with pytest.raises(ValueError, match="session.prepare registers the model it prepares as 'model'"):
+            session.register(model=torch.nn.Linear(2, 1))
