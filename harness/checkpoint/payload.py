@@ -14,6 +14,7 @@ from typing import Any, Collection, Iterator, Optional, Protocol, runtime_checka
 import torch
 
 from harness import __version__
+from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.keys import align_wrapper_prefixes, strip_wrapper_prefixes, unwrap_model
 
 log = logging.getLogger("harness")
@@ -61,6 +62,10 @@ class Progress:
         unit = state.get("data_unit")
         self.data_unit = None if unit is None else int(unit)
         self.stopped_inside = bool(state.get("stopped_inside", False))
+
+
+ANOTHER_RUN_HINT = ("HINT: the folder holds a run of another model or script: give this run its own "
+                    "name= (or checkpoint.dir), or take only the weights with init_from")
 
 
 class Values:
@@ -127,14 +132,20 @@ class StateRegistry:
         registry, restored by it: not reported as state that nothing registered."""
         missing = [name for name in self._objects if name not in states and name not in elsewhere]
         if missing:
-            raise KeyError(f"checkpoint has no state for {missing}; it holds {sorted(states)}")
+            raise CheckpointError(f"the checkpoint has no state for {missing}; it holds {sorted(states)}. "
+                                  f"{ANOTHER_RUN_HINT}")
         for name, obj in self._objects.items():
             if name in elsewhere:
                 continue
             state = states[name]
             if isinstance(obj, torch.nn.Module):
                 state = align_wrapper_prefixes(state, obj.state_dict().keys())
-            obj.load_state_dict(state)
+            try:
+                obj.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError, TypeError) as error:  # what load_state_dict()s raise on a mismatch
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CheckpointError(f"the checkpoint's {name!r} does not fit this run's "
+                                      f"{type(obj).__name__}: {first}. {ANOTHER_RUN_HINT}") from error
         extra = sorted(set(states) - set(self._objects) - set(adopted))
         if extra:
             log.warning("checkpoint holds state for %s, which nothing registered; ignored", extra)

@@ -138,3 +138,18 @@ def test_registering_a_plain_value_says_how_to_keep_it(tmp_path):
             session.register(best_acc1=0.0)
         with pytest.raises(ValueError, match="session.prepare registers the model it prepares as 'model'"):
             session.register(model=torch.nn.Linear(2, 1))
+
+
+def test_a_folder_holding_another_models_run_is_a_clear_error(tmp_path):
+    """Another script (another model) pointed at a run's folder: a CheckpointError naming the misfit
+    and what to do (the worker prints it in one line), not load_state_dict's traceback."""
+    from harness import CheckpointError
+
+    _train_with_values(tmp_path, 2, __import__("harness").Values(best_acc1=0.0, history=[]))
+    with Session(_config(tmp_path, 4), env=SINGLE) as session:
+        session.prepare(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)))
+        loader = session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)
+        with pytest.raises(CheckpointError, match=r"the checkpoint's 'model' does not fit this run's Sequential: "
+                                                  r"Error\(s\) in loading state_dict.*HINT: the folder holds a run "
+                                                  r"of another model or script"):
+            next(iter(session.batches(loader)))
