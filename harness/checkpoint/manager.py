@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -79,6 +79,36 @@ STOPPED_INSIDE = ("note: the stop was agreed inside step {step} (session.check_s
                   "learning-rate change or a best model chosen on its result) is not redone: the run goes "
                   "on from the state that step was left in. HINT: let an evaluation whose result changes "
                   "training run to its end (README: Exactness)")
+
+
+# Settings that shape what is trained, compared on a resume (trainer.max_steps and trainer.strategy
+# have messages of their own; log_every, metrics_file and collective_timeout_s change nothing trained).
+TRAINING_SECTIONS = ("task", "script", "script_args", "trainer")
+NOT_COMPARED = {"trainer.max_steps", "trainer.strategy", "trainer.log_every", "trainer.metrics_file",
+                "trainer.collective_timeout_s"}
+CHANGES_SHOWN = 5
+
+
+def _training_settings(config: dict) -> dict[str, Any]:
+    """The TRAINING_SECTIONS of a config, flattened to dotted keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        elif prefix not in NOT_COMPARED:
+            flat[prefix] = value
+
+    for section in TRAINING_SECTIONS:
+        if section in config:
+            walk(section, config[section])
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class CheckpointManager:
@@ -527,6 +557,16 @@ class CheckpointManager:
             self.say(f"WARNING: trainer.max_steps changed from {old} to {self.cfg.trainer.max_steps} "
                      "since the checkpoint: schedules that depend on it (e.g. cosine LR) will differ "
                      "from an uninterrupted run")
+        if not saved:  # checkpoints of the tools and tests carry no config
+            return
+        before, now = _training_settings(saved), _training_settings(self.config_data)
+        changed = [f"{key} {_short(before.get(key))} -> {_short(now.get(key))}"
+                   for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+        if changed:
+            shown = "; ".join(changed[:CHANGES_SHOWN]) + (f"; and {len(changed) - CHANGES_SHOWN} more"
+                                                          if len(changed) > CHANGES_SHOWN else "")
+            self.say(f"note: the run resumes with settings that differ from its checkpoint's: {shown}. "
+                     "It continues with the new ones, so it is not the run it would have been uninterrupted")
 
     def init_from(self, path: str) -> None:
         """Load pretrained weights into the model on every rank (a fresh run's ``init_from``).

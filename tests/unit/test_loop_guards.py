@@ -153,3 +153,23 @@ def test_a_folder_holding_another_models_run_is_a_clear_error(tmp_path):
                                                   r"Error\(s\) in loading state_dict.*HINT: the folder holds a run "
                                                   r"of another model or script"):
             next(iter(session.batches(loader)))
+
+
+def test_a_resume_with_changed_training_settings_names_them(tmp_path, capsys):
+    """Resuming with another seed or script argument is allowed, and said: the run is no longer the
+    one it would have been. The same settings say nothing."""
+    def run(max_steps: int, seed: int, args: list[str]) -> str:
+        cfg = validate({"trainer": {"max_steps": max_steps, "seed": seed, "num_threads": 1},
+                        "checkpoint": {"dir": str(tmp_path), "every_steps": 1000}, "script_args": args})
+        with Session(cfg, env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)):
+                model(batch).sum().backward()
+        return capsys.readouterr().out
+
+    run(2, 3, ["--lr=3"])
+    same = run(3, 3, ["--lr=3"])
+    assert "resumed from" in same and "settings that differ" not in same
+    changed = run(4, 4, ["--lr=10"])
+    assert ("note: the run resumes with settings that differ from its checkpoint's: "
+            "script_args ['--lr=3'] -> ['--lr=10']; trainer.seed 3 -> 4.") in changed, changed
