@@ -84,6 +84,10 @@ def describe(error: BaseException) -> str:
     if isinstance(error, MissingConfigException):
         return _missing_preset(error)
     if isinstance(error, OverrideParseException):
+        if str(error.override).startswith("script_args="):  # the one list users type by hand
+            return (f"{error.override!r} is not a valid override ({_first_line(error.message)}): script_args "
+                    "takes a list of quoted strings, e.g. 'script_args=[\"--lr=3e-4\",\"--tag\",\"x\"]' "
+                    "(single quotes around it all for the shell)")
         return (f"{error.override!r} is not a valid override ({_first_line(error.message)}): write KEY=VALUE, "
                 "e.g. trainer.max_steps=1000")
     cause = error.__cause__

@@ -37,3 +37,14 @@ def test_a_typo_gets_the_closest_key_and_a_key_of_another_launcher_says_which():
     assert "did you mean launcher.nodes (launcher=slurm)?" in unknown_key("launcher.node")
     assert "is a key of launcher=slurm" in unknown_key("launcher.timeout_min")
     assert "did you mean" not in unknown_key("zzzz")
+
+
+def test_an_unquoted_script_args_gets_the_list_syntax_and_other_overrides_the_general_hint(tmp_path):
+    def refused(override: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "harness.launch", "script=train.py", override],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stderr
+        return done.stderr.strip().splitlines()[-1]
+
+    assert "script_args takes a list of quoted strings, e.g. 'script_args=[\"--lr=3e-4\"," in refused("script_args=--lr=3")
+    assert "write KEY=VALUE" in refused("trainer.max_steps=[=")
