@@ -188,13 +188,29 @@ def test_a_full_disk_under_the_checkpoint_folder_is_one_line_with_a_free_space_h
 DEADLOCK = REPO / "tests" / "scripts" / "deadlock.py"
 
 
+def _press_ctrl_c_twice(launcher: subprocess.Popen) -> int:
+    """Two Ctrl-C presses on the launcher; its exit code (the job is killed if it does not exit)."""
+    try:
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # two presses: a second signal sent at once could merge with the first
+        launcher.send_signal(signal.SIGINT)
+        return launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher)
+
+
 def _start_deadlock(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, dict[int, int]]:
     """Two ranks blocked in a collective for good (tests/scripts/deadlock.py), both known to be there."""
     ready = tmp_path / "ready"
     launcher = start_launch(tmp_path / "ckpt", "launcher.nproc_per_node=2", f"script={DEADLOCK}",
                             f"script_args=[{ready}]", *overrides, log_path=tmp_path / "job.log")
-    pids = worker_pids(launcher)
-    wait_for(lambda: all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)), 90, "both ranks to block")
+    try:
+        pids = worker_pids(launcher)
+        wait_for(lambda: all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)), 90, "both ranks to block")
+    except BaseException:
+        kill_tree(launcher)
+        raise
     time.sleep(0.5)  # from writing the file to waiting in recv
     return launcher, pids
 
@@ -211,14 +227,7 @@ def test_a_double_ctrl_c_stops_ranks_blocked_in_a_collective(tmp_path):
     """Ranks stuck in native code never run their KeyboardInterrupt: the launcher kills them a few
     seconds after the second Ctrl-C, says so, and exits 130 (before: it waited forever)."""
     launcher, pids = _start_deadlock(tmp_path)
-    try:
-        launcher.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
+    code = _press_ctrl_c_twice(launcher)
     output = (tmp_path / "job.log").read_text()
     assert code == 130, output
     assert "did not stop within 5 s of the second Ctrl-C (blocked in a collective or in native code): killed" \
@@ -244,6 +253,7 @@ def test_ranks_blocked_in_a_collective_exit_after_their_launcher_died(tmp_path):
         assert f"[rank {rank}] the launcher is gone and this rank did not stop within preempt.grace_s=2 s" in output
     assert "in main" in output and "deadlock.py" in output  # the stack it was stuck in
 
+
 def test_a_double_ctrl_c_says_the_job_stopped_at_your_request_and_exits_130(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "job.log"
@@ -252,13 +262,10 @@ def test_a_double_ctrl_c_says_the_job_stopped_at_your_request_and_exits_130(tmp_
     try:
         worker_pids(launcher)
         wait_for(lambda: metrics(ckpt_dir), 90, "training")
-        launcher.send_signal(signal.SIGINT)
-        time.sleep(0.5)  # two presses: a second signal sent at once could merge with the first
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher)
+    except BaseException:
+        kill_tree(launcher)
+        raise
+    code = _press_ctrl_c_twice(launcher)
     output = log.read_text()
     assert code == 130, output
     assert "job stopped without saving at your request (second Ctrl-C)" in output, output
