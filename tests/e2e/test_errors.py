@@ -238,7 +238,7 @@ def test_a_double_ctrl_c_stops_ranks_blocked_in_a_collective(tmp_path):
 def test_ranks_blocked_in_a_collective_exit_after_their_launcher_died(tmp_path):
     """SIGKILL of the launcher: its ranks get SIGTERM but, blocked in a collective, cannot act on it;
     each exits preempt.grace_s later on its own, saying where it was stuck, instead of living on as
-    an orphan."""
+    an orphan (the first to give up frees its peer: the collective breaks)."""
     launcher, pids = _start_deadlock(tmp_path, "preempt.grace_s=2")
     launcher.kill()
     launcher.wait()
@@ -249,8 +249,9 @@ def test_ranks_blocked_in_a_collective_exit_after_their_launcher_died(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     output = (tmp_path / "job.log").read_text()
-    for rank in (0, 1):
-        assert f"[rank {rank}] the launcher is gone and this rank did not stop within preempt.grace_s=2 s" in output
+    # The first rank to give up says so; its peer may instead fail at once in the broken collective.
+    assert re.search(r"\[rank [01]\] the launcher is gone and this rank did not stop within preempt.grace_s=2 s",
+                     output), output
     assert "in main" in output and "deadlock.py" in output  # the stack it was stuck in
 
 
