@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -660,6 +661,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (an export's OUT is left as it was)
+        # An object store's request cut short leaves a coroutine that is never awaited; the warning
+        # about it (when the interrupted frames go) says nothing to the person who pressed Ctrl-C.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         print("harness.ckpt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
