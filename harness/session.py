@@ -490,7 +490,7 @@ class Session:
         self.checkpoints.flush()  # async writes and staged uploads included: durable at the destination
         done = time.monotonic()
         # From the first signal on any rank (its age came with the agreement), else from the agreement.
-        signal_at = min(self._signal_at or started, started)
+        signal_at = self._signal_at or started  # set at the agreement, so never after it
         since_signal = done - signal_at
         self.say(f"stop requested ({reason}) at step {self.progress.step}: checkpoint "
                  f"{self.store.root}/{step_dir_name(self.progress.step)} durable {done - started:.2f}s after "

@@ -433,8 +433,7 @@ class CheckpointManager:
                  f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch}) "
                  f"in {time.perf_counter() - started:.2f}s; restart #{self.env.restart_count}")
         if self.progress.stopped_inside:
-            self.say(STOPPED_INSIDE.format(step=self.progress.step))
-            self.progress.stopped_inside = False  # later saves of this run are whole steps again
+            self.say(STOPPED_INSIDE.format(step=self.progress.step))  # each step's end resets the mark
         save_s = ref.manifest.get("write_s")
         warning = grace_warning(save_s, self.cfg.preempt.grace_s) if save_s else None
         if warning:

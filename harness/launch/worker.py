@@ -236,7 +236,9 @@ def main() -> int:
         return 2
     config_data = yaml.safe_load(text)
     flag = install_stop_flag(config_data)
-    grace_s = float((config_data.get("preempt") or {}).get("grace_s", 30.0))
+    from harness.config import PreemptConfig  # no torch behind it
+
+    grace_s = float((config_data.get("preempt") or {}).get("grace_s", PreemptConfig().grace_s))
     threading.Thread(target=watch_launcher, args=(os.getppid(), grace_s), name="harness-launcher-watch",
                      daemon=True).start()
     try:
