@@ -768,6 +768,16 @@ def global_batch_size(loader: DataLoader) -> int:
     return _sampler_of(loader).global_batch
 
 
+def dataset_size(loader: DataLoader) -> Optional[int]:
+    """Samples in the loader's dataset (the epoch's order is drawn over them), or None if it has no
+    length. A resume compares it with the checkpoint's: the same position in another order is
+    another set of samples."""
+    try:
+        return len(loader.dataset)
+    except TypeError:
+        return None
+
+
 def sampler_state(loader: Optional[DataLoader], epoch: int, batch_in_epoch: int) -> Optional[dict]:
     """This rank's user sampler's own state at batch ``batch_in_epoch`` of epoch ``epoch`` (see
     ``OwnState``), or None: no user sampler, one without ``state_dict()``, or no such batch drawn."""

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
-from harness.checkpoint.payload import MODEL, STREAM, Progress, StateRegistry, restore_rng, seed_everything
+from harness.checkpoint.payload import MODEL, STREAM, DataShape, Progress, StateRegistry, restore_rng, seed_everything
 from harness.checkpoint.folder import check_run_folders
 from harness.collectives import Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
@@ -79,8 +79,7 @@ class Session:
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
         self._signal_at: Optional[float] = None  # time.monotonic() of the first rank's stop request
         self._save_requested = False  # save() called mid-step, carried out when the step ends
-        self._data_unit: Optional[int] = None  # samples per loader batch over all ranks
-        self._own_sampler = False  # the loader's order is the user's sampler, not the harness's
+        self._data = DataShape()  # what batches()'s loader is: batch, dataset size, whose sampler
         self._loader: Optional[DataLoader] = None  # the loader batches() reads
         self._made_loader: Optional[DataLoader] = None  # the last one session.loader() returned
         self._accumulate = 1  # micro-batches per step in batches()
@@ -291,8 +290,9 @@ class Session:
             yield from self._stream_batches(loader, accumulate)
             return
         self._loader = loader
-        self._data_unit = data_mod.global_batch_size(loader)  # samples per micro-batch, all ranks
-        self._own_sampler = data_mod.uses_own_sampler(loader)  # its stream cannot survive a resize
+        self._data = DataShape(unit=data_mod.global_batch_size(loader),  # samples per micro-batch, all ranks
+                               size=data_mod.dataset_size(loader),
+                               own_sampler=data_mod.uses_own_sampler(loader))  # not kept on a resize
         self.start()
         if self.checkpoints.pending_sampler is not None:
             data_mod.load_sampler_state(loader, self.checkpoints.pending_sampler)
@@ -411,14 +411,15 @@ class Session:
             enabled=self.env.is_main)
         ref = self.resume_point()
         if ref is None:
-            self.progress.data_unit = self._data_unit  # what batch_in_epoch counts, for a later resize
+            self.progress.data_unit = self._data.unit  # what batch_in_epoch counts, for a later resize
+            self.progress.data_size = self._data.size  # what the epoch's order is drawn over
             seed_everything(self.cfg.trainer.seed + 1 + self.env.rank)  # distinct dropout per rank
             self.say(f"no checkpoint in {self.store.root}: starting fresh "
                      f"(rank {self.env.rank}/{self.env.world_size}, {self.env.backend}, {self.env.device})")
             if self.cfg.checkpoint.init_from:
                 self.checkpoints.init_from(self.cfg.checkpoint.init_from)
         else:
-            self.checkpoints.restore(ref, self._data_unit, own_sampler=self._own_sampler)
+            self.checkpoints.restore(ref, self._data)
         # Opened at the resumed step (rows an interrupted launch logged past it go), and after a fresh
         # start may have set an earlier run's file aside.
         for sink in open_metrics_file(metrics_path, resumed_step=self.progress.step):

@@ -28,8 +28,8 @@ from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
                                        SHARDS_DIR, CheckpointRef, checking_rank, payload_file, step_dir_name, step_of)
-from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, Progress,
-                                        StateRegistry, build_payload, capture_rng, check_payload,
+from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, DataShape,
+                                        Progress, StateRegistry, build_payload, capture_rng, check_payload,
                                         extract_model_state, own_memory, seed_everything, versions)
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.staged import StagedStorage, publish
@@ -304,13 +304,12 @@ class CheckpointManager:
         self.say(f"checkpoint.resume=false: set aside the earlier run's {described} (and its metrics) "
                  f"in {target}")
 
-    def restore(self, ref: CheckpointRef, data_unit: Optional[int] = None, own_sampler: bool = False) -> None:
+    def restore(self, ref: CheckpointRef, data: DataShape = DataShape()) -> None:
         """Restore ``ref`` on every rank; if any rank fails, all of them raise.
 
-        ``data_unit``: samples per loader batch over all ranks in THIS run (None if unknown), to keep
-        the data position by samples consumed when it differs from the saved run's. ``own_sampler``:
-        the loader's order comes from the user's sampler or batch sampler, not the harness's keyed
-        permutation (on another world size the warning then says its stream cannot be kept).
+        ``data``: THIS run's loader. Its samples per batch keep the data position by samples consumed
+        when they differ from the saved run's; with the user's own sampler, another world size's
+        warning says its stream cannot be kept; another dataset size gets a warning of its own.
 
         A payload that some rank cannot read (damage that verification does not see, a payload
         format this harness does not read) is skipped on every rank, with a warning, for the next
@@ -334,7 +333,7 @@ class CheckpointManager:
         self._drop_verified_maps()
         error = None
         try:
-            self._restore(ref, payload, data_unit, own_sampler)
+            self._restore(ref, payload, data)
         except Exception as exc:
             error = exc
         raise_if_any_failed(error, f"loading {self.store.root}/{ref.name} failed", self.env.device)
@@ -397,7 +396,7 @@ class CheckpointManager:
         payload = read_payload(path, unsafe=self.ckpt.unsafe_load, mapped=verified_map)
         return check_payload(payload, f"{self.store.root}/{rel}")
 
-    def _restore(self, ref: CheckpointRef, payload: dict, data_unit: Optional[int], own_sampler: bool) -> None:
+    def _restore(self, ref: CheckpointRef, payload: dict, data: DataShape) -> None:
         started = time.perf_counter()
         written_by, sharded = self._layout(ref)  # from the manifest: the same on every rank
         in_shards: dict = {}
@@ -420,7 +419,8 @@ class CheckpointManager:
         elif error is not None:
             raise error
         self.progress.load_state_dict(payload[KEY_PROGRESS])
-        self._remap(payload[KEY_RNG], data_unit, own_sampler)
+        self._remap(payload[KEY_RNG], data.unit, data.own_sampler)
+        self._note_data_size(data.size)
         samplers = payload.get(KEY_SAMPLERS) or []
         if len(samplers) == self.env.world_size:  # on another world size each rank draws another share
             self.pending_sampler = samplers[self.env.rank]
@@ -549,6 +549,19 @@ class CheckpointManager:
         self.say(f"WARNING: checkpoint was written by {saved_world} ranks, this run has "
                  f"{self.env.world_size}: weights, optimizer and step carry over exactly; {data} "
                  f"(batch {self.progress.batch_in_epoch} of epoch {self.progress.epoch}); {randomness}")
+
+    def _note_data_size(self, size: Optional[int]) -> None:
+        """Warn when the dataset's size differs from the checkpoint's: the epoch's order is drawn
+        over the new dataset, so the saved position no longer marks the samples already seen."""
+        saved, self.progress.data_size = self.progress.data_size, size
+        if saved is None or size is None or saved == size:
+            return
+        position = (f"epoch {self.progress.epoch} continues at batch {self.progress.batch_in_epoch} of an "
+                    "order drawn over the new dataset, so some of its samples are trained on twice and "
+                    "others not at all; " if self.progress.batch_in_epoch else "")
+        self.say(f"WARNING: the dataset held {saved} samples at the checkpoint and holds {size} now: "
+                 f"{position}the run continues as one on the new dataset, not as the run it would have "
+                 "been uninterrupted")
 
     def _warn_config_changes(self, saved: dict) -> None:
         old = (saved.get("trainer") or {}).get("max_steps")

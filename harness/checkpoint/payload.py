@@ -48,11 +48,12 @@ class Progress:
     world_size: int = 1  # world size that produced batch_in_epoch (to remap on a resize)
     data_unit: Optional[int] = None  # samples per batch over all ranks (None: files before it existed)
     stopped_inside: bool = False  # the stop was agreed inside this step (check_stop() said True there)
+    data_size: Optional[int] = None  # samples in the dataset the epoch's order is drawn over (None: unknown)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.world_size, "data_unit": self.data_unit,
-                "stopped_inside": self.stopped_inside}
+                "stopped_inside": self.stopped_inside, "data_size": self.data_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -62,6 +63,20 @@ class Progress:
         unit = state.get("data_unit")
         self.data_unit = None if unit is None else int(unit)
         self.stopped_inside = bool(state.get("stopped_inside", False))
+        size = state.get("data_size")
+        self.data_size = None if size is None else int(size)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What THIS run's loader is, for a resume to compare with the checkpoint's ``Progress``:
+    ``unit``, samples per loader batch over all ranks; ``size``, samples in its dataset; None where
+    not known (no harness loader seen yet, an iterable dataset). ``own_sampler``: the order comes
+    from the user's sampler or batch sampler, not the harness's keyed permutation."""
+
+    unit: Optional[int] = None
+    size: Optional[int] = None
+    own_sampler: bool = False
 
 
 ANOTHER_RUN_HINT = ("HINT: the folder holds a run of another model or script: give this run its own "

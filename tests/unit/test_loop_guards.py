@@ -173,3 +173,22 @@ def test_a_resume_with_changed_training_settings_names_them(tmp_path, capsys):
     changed = run(4, 4, ["--lr=10"])
     assert ("note: the run resumes with settings that differ from its checkpoint's: "
             "script_args ['--lr=3'] -> ['--lr=10']; trainer.seed 3 -> 4.") in changed, changed
+
+
+def test_a_resume_over_a_dataset_of_another_size_warns_that_the_epoch_order_changed(tmp_path, capsys):
+    """Samples added to (or removed from) the dataset between launches: the saved position counts
+    batches of the old order, so the resumed epoch repeats some samples and skips others. Said once;
+    the same size says nothing, and the next resume compares with the new size."""
+    def run(max_steps: int, samples: int) -> str:
+        with Session(_config(tmp_path, max_steps), env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(samples, 2)), batch_size=4)):
+                model(batch).sum().backward()
+        return capsys.readouterr().out
+
+    run(3, 40)
+    grown = run(5, 44)
+    assert ("WARNING: the dataset held 40 samples at the checkpoint and holds 44 now: epoch 0 continues "
+            "at batch 3 of an order drawn over the new dataset") in grown, grown
+    assert "WARNING: the dataset" not in run(6, 44)
+    assert "WARNING: the dataset held 44 samples at the checkpoint and holds 40 now" in run(7, 40)
