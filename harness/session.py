@@ -192,6 +192,10 @@ class Session:
             self._register(name, obj)
 
     def _register(self, name: str, obj: Any) -> None:
+        if self._started:  # the resume has run: this object would be saved but never restored
+            raise RuntimeError(f"session.register({name}=...) after the run started: a resume restores "
+                               "what is registered when it runs (at the first session.batches() or "
+                               "session.start()). HINT: register every object before the training loop")
         if obj is not None and self.strategy.takes(obj):
             if name in self.registry.names:
                 raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")

@@ -192,3 +192,14 @@ def test_a_resume_over_a_dataset_of_another_size_warns_that_the_epoch_order_chan
             "at batch 3 of an order drawn over the new dataset") in grown, grown
     assert "WARNING: the dataset" not in run(6, 44)
     assert "WARNING: the dataset held 44 samples at the checkpoint and holds 40 now" in run(7, 40)
+
+
+def test_registering_after_the_run_started_is_an_error_not_a_state_that_is_never_restored(tmp_path):
+    """The resume runs at the first batch: an object registered later would be saved at every
+    checkpoint but never restored, so its state would silently restart on every resume."""
+    with Session(_config(tmp_path, 2), env=SINGLE) as session:
+        model = session.prepare(torch.nn.Linear(2, 1))
+        for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(8, 2)), batch_size=4)):
+            with pytest.raises(RuntimeError, match=r"session.register\(optimizer=...\) after the run started.*"
+                                                   r"HINT: register every object before the training loop"):
+                session.register(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
