@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from harness.checkpoint.keys import strip_wrapper_prefixes
-from harness.checkpoint.payload import MODEL, PAYLOAD_FORMAT, extract_model_state
+from harness.checkpoint.payload import KEY_PER_RANK, MODEL, PAYLOAD_FORMAT, extract_model_state
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
 from harness.checkpoint.layout import INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, CheckpointRef, STEP_DIR
 from harness.checkpoint.manifest import entries as manifest_entries
@@ -227,9 +227,13 @@ def digest(obj: Any) -> str:
 
 
 def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
-    """The named groups of a checkpoint: harness payload sections, or a single 'model' group."""
+    """The named groups of a checkpoint: harness payload sections (per-rank objects as
+    ``name@rankR``), or a single 'model' group."""
     if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
-        return dict(obj["state"])
+        groups = dict(obj["state"])
+        for rank, states in enumerate(obj.get(KEY_PER_RANK) or []):
+            groups.update({f"{name}@rank{rank}": state for name, state in states.items()})
+        return groups
     try:
         return {"model": extract_model_state(obj, source)}
     except ValueError as error:

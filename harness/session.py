@@ -191,14 +191,28 @@ class Session:
         for name, obj in objects.items():
             self._register(name, obj)
 
-    def _register(self, name: str, obj: Any) -> None:
+    def register_per_rank(self, **objects: Any) -> None:
+        """Register objects whose state differs from rank to rank (an RNN's hidden state carried
+        across batches, a rank's own metric accumulators, its replay buffer): every rank's state is
+        saved (gathered to rank 0 at each save: keep it small) and each rank gets its own back on a
+        resume with the same world size; on another world size each keeps the state it has."""
+        for name, obj in objects.items():
+            self._check_registrable(name)
+            self.checkpoints.per_rank.register(name, obj)
+
+    def _check_registrable(self, name: str) -> None:
         if self._started:  # the resume has run: this object would be saved but never restored
             raise RuntimeError(f"session.register({name}=...) after the run started: a resume restores "
                                "what is registered when it runs (at the first session.batches() or "
                                "session.start()). HINT: register every object before the training loop")
+        if name in self.registry.names or name in self.checkpoints.per_rank.names or name in self.strategy.adopted_names:
+            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
+                             + (" (session.prepare registers the model it prepares as 'model')"
+                                if name == MODEL else ""))
+
+    def _register(self, name: str, obj: Any) -> None:
+        self._check_registrable(name)
         if obj is not None and self.strategy.takes(obj):
-            if name in self.registry.names:
-                raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
             self.strategy.adopt(name, obj)
         else:
             self.registry.register(name, obj)

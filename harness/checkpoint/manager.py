@@ -28,9 +28,10 @@ from harness.checkpoint.keys import match_state, rename_prefixes
 from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, LOCK_NAME, SET_ASIDE_DIR,
                                        SHARDS_DIR, CheckpointRef, checking_rank, payload_file, step_dir_name, step_of)
-from harness.checkpoint.payload import (KEY_CONFIG, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL, DataShape,
-                                        Progress, StateRegistry, build_payload, capture_rng, check_payload,
-                                        extract_model_state, own_memory, seed_everything, versions)
+from harness.checkpoint.payload import (KEY_CONFIG, KEY_PER_RANK, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL,
+                                        DataShape, Progress, StateRegistry, build_payload, capture_rng,
+                                        check_payload, extract_model_state, on_cpu, own_memory,
+                                        seed_everything, versions)
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.staged import StagedStorage, publish
 from harness.checkpoint.store import CheckpointStore, Retention
@@ -127,6 +128,7 @@ class CheckpointManager:
         self.ckpt: CheckpointConfig = cfg.checkpoint
         self.env = env
         self.registry = registry
+        self.per_rank = StateRegistry()  # objects each rank saves and gets back its own (Session.register_per_rank)
         self.progress = progress
         self.config_data = config_data
         self.say = say
@@ -408,7 +410,9 @@ class CheckpointManager:
             self.registry.load_state_dict(saved, elsewhere=in_shards, adopted=self.strategy.adopted_names)
             if self.strategy.sharded and not sharded:
                 self.strategy.load_full(saved)  # ddp -> fsdp: each rank keeps its slice of the full tensors
+            self._load_per_rank(payload.get(KEY_PER_RANK) or [])
             own_memory(self.registry, payload)  # nothing may keep the file mapped once the payload is dropped
+            own_memory(self.per_rank, payload)
         except Exception as exc:
             error = exc
         if sharded:
@@ -484,6 +488,19 @@ class CheckpointManager:
                     self.ckpt.verify and checksum.of_file(path, checksum.algorithm_of(expected)) != expected):
                 raise CheckpointError(f"{self.store.root}/{ref.name}/{name} changed since it was verified "
                                       "(its copy differs from the manifest)")
+
+    def _load_per_rank(self, saved: list) -> None:
+        """Give each rank its own per-rank objects' state back; on another world size they keep the
+        state they have (a rank's state cannot be dealt to another number of ranks), and the resume
+        says so. A checkpoint without them (written before they were registered) is an error, as for
+        any registered object."""
+        if not self.per_rank.names:
+            return
+        if saved and len(saved) != self.env.world_size:
+            self.say(f"WARNING: the per-rank state of {self.per_rank.names} was saved by {len(saved)} ranks, "
+                     f"this run has {self.env.world_size}: each rank keeps the state it starts with")
+            return
+        self.per_rank.load_state_dict(saved[self.env.rank] if saved else {})
 
     def _layout(self, ref: CheckpointRef) -> tuple[str, bool]:
         """(the strategy that wrote ``ref``, whether it keeps state in a shard folder), from its
@@ -625,13 +642,13 @@ class CheckpointManager:
         """
         if self.last_saved_step == self.progress.step:
             return
-        per_rank = self._gather((capture_rng(), sampler_state))
-        rng_per_rank, samplers_per_rank = [rng for rng, _ in per_rank], [state for _, state in per_rank]
+        per_rank = self._gather((capture_rng(), sampler_state, on_cpu(self.per_rank.state_dict())))
+        rng_per_rank, samplers_per_rank, states_per_rank = (list(column) for column in zip(*per_rank))
         written = self._save_shards() if self.strategy.sharded else None
 
         def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
             payload = build_payload(self.registry.state_dict(), self.progress, rng_per_rank, self.config_data,
-                                    samplers_per_rank)
+                                    samplers_per_rank, states_per_rank)
             info = versions() | {"world_size": self.env.world_size, "metric": metric}
             if written is not None:
                 info |= {INFO_STRATEGY: self.strategy.name, INFO_SHARDED: SHARDS_DIR}

@@ -27,6 +27,7 @@ KEY_STATE = "state"  # {registered name: state_dict}
 KEY_PROGRESS = "progress"
 KEY_RNG = "rng"  # list indexed by rank
 KEY_SAMPLERS = "samplers"  # list indexed by rank: a user's stateful sampler as its epoch began, or None
+KEY_PER_RANK = "per_rank"  # list indexed by rank: {registered name: state_dict} of per-rank objects
 KEY_CONFIG = "config"
 KEY_META = "meta"
 MODEL = "model"  # the registered name the built-in loop gives its model
@@ -177,6 +178,18 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def on_cpu(state: Any) -> Any:
+    """``state`` with its tensors on the CPU (dicts, lists and tuples rebuilt), so that another
+    process can unpickle it whatever devices it sees."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: on_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(value) for value in state) if type(state) in (list, tuple) else state
+    return state
+
+
 def own_memory(registry: StateRegistry, payload: dict) -> int:
     """Give every tensor that a registered object kept from ``payload`` memory of its own; returns
     how many were copied.
@@ -246,7 +259,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: dict,
-                  samplers_per_rank: Optional[list] = None) -> dict:
+                  samplers_per_rank: Optional[list] = None, per_rank_states: Optional[list] = None) -> dict:
     return {
         "format": PAYLOAD_FORMAT,
         "format_version": PAYLOAD_VERSION,
@@ -254,6 +267,7 @@ def build_payload(states: dict, progress: Progress, rng_per_rank: list, config: 
         KEY_PROGRESS: progress.state_dict(),
         KEY_RNG: rng_per_rank,
         KEY_SAMPLERS: samplers_per_rank or [None] * len(rng_per_rank),
+        KEY_PER_RANK: per_rank_states or [{}] * len(rng_per_rank),
         KEY_CONFIG: config,
         KEY_META: versions() | {"world_size": len(rng_per_rank)},
     }

@@ -136,3 +136,26 @@ def test_a_users_script_is_refused_clearly_when_missing(tmp_path):
     result = run_launch(tmp_path / "ckpt", f"script={tmp_path / 'nope.py'}", "trainer.max_steps=2")
     assert result.returncode == 2
     assert "nope.py: no such file" in result.stderr
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-rank", "shared-control"])
+def test_state_registered_per_rank_resumes_each_ranks_own(tmp_path, script_reference, shared):
+    """A state carried across batches that differs per rank (an RNN's hidden state) and feeds the
+    loss: registered with register_per_rank, each rank gets its own back and the run resumes bit for
+    bit; registered as shared (rank 0's state saved, every rank restores it), rank 1 resumes with
+    rank 0's and the model differs: the control that shows the test can fail."""
+    ckpt_dir = tmp_path / "ckpt"
+    carry = ["--carry-shared"] if shared else []
+    stopped = _script(ckpt_dir, "--where=before_forward", "--at=10", *carry)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stdout + stopped.stderr
+    resumed = _script(ckpt_dir, *carry)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_resumed_from(resumed.stdout, ckpt_dir, 10)
+    final, reference = newest_payload(ckpt_dir), newest_payload(script_reference)
+    if shared:
+        assert not torch.equal(final["state"]["model"]["net.0.weight"], reference["state"]["model"]["net.0.weight"])
+        return
+    assert_tensors_equal(final["state"], reference["state"])
+    assert_tensors_equal(final["per_rank"], reference["per_rank"])
+    hidden = [states["carry"]["hidden"] for states in final["per_rank"]]
+    assert len(hidden) == 2 and not torch.equal(hidden[0], hidden[1]), "the ranks' carries must differ"

@@ -2,7 +2,9 @@
 
 Gradient accumulation, DDP's no_sync on all but the last micro-batch, an evaluation inside the step.
 ``--where/--at`` make rank 1 ask for a stop (or every rank call save()) at one point of one step, to
-prove that a mid-step call never labels a state with the wrong step.
+prove that a mid-step call never labels a state with the wrong step. A state carried from batch to
+batch differs per rank (like an RNN's hidden state) and feeds the loss: registered per rank, or
+with ``--carry-shared`` as a plain registered object (rank 0's, the control that must not resume).
 """
 
 import argparse
@@ -20,12 +22,18 @@ def main() -> None:
     parser.add_argument("--where", choices=POINTS, default=None)
     parser.add_argument("--at", type=int, default=0, help="the step (1-based) in which to act")
     parser.add_argument("--save", action="store_true", help="call session.save() instead of stopping")
+    parser.add_argument("--carry-shared", action="store_true", help="register the per-rank carry as shared")
     args = parser.parse_args()
     cfg = harness.load_config()
     with harness.Session(cfg) as session:
         model = session.prepare(MLP())
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         session.register(optimizer=optimizer)
+        carry = harness.Values(hidden=torch.zeros(()))  # each rank's own, from its own batches
+        if args.carry_shared:
+            session.register(carry=carry)
+        else:
+            session.register_per_rank(carry=carry)
         loader = session.loader(SyntheticClassification(seed=cfg.trainer.seed), batch_size=16)
 
         for micro in session.batches(loader, accumulate=2):
@@ -45,7 +53,8 @@ def main() -> None:
             point("before_forward")
             total = torch.zeros(())
             for batch in session.micro_batches(model, micro):
-                loss = classification_loss(model, batch) / len(micro)
+                loss = (classification_loss(model, batch) * (1 + carry.hidden)) / len(micro)
+                carry.hidden = 0.5 * carry.hidden + 0.1 * batch[0].mean().clamp(-1, 1)
                 loss.backward()
                 total += loss.detach()
             point("after_backward")

@@ -203,3 +203,36 @@ def test_registering_after_the_run_started_is_an_error_not_a_state_that_is_never
             with pytest.raises(RuntimeError, match=r"session.register\(optimizer=...\) after the run started.*"
                                                    r"HINT: register every object before the training loop"):
                 session.register(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def _train_per_rank(ckpt_dir: Path, max_steps: int, carry=None) -> Session:
+    with Session(_config(ckpt_dir, max_steps), env=SINGLE) as session:
+        model = session.prepare(torch.nn.Linear(2, 1))
+        if carry is not None:
+            session.register_per_rank(carry=carry)
+        for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)):
+            model(batch).sum().backward()
+            if carry is not None:
+                carry.seen.append(session.step)
+    return session
+
+
+def test_per_rank_state_comes_back_and_a_checkpoint_without_it_is_a_clear_error(tmp_path, capsys):
+    import harness
+    from harness import CheckpointError
+    from harness.ckpt import describe
+
+    _train_per_rank(tmp_path / "with", 3, harness.Values(seen=[]))
+    resumed = harness.Values(seen=[])
+    session = _train_per_rank(tmp_path / "with", 5, resumed)
+    assert resumed.seen == [0, 1, 2, 3, 4]
+    assert "carry@rank0" in describe(str(tmp_path / "with"))["groups"]  # inspect and diff see it
+    # Saved by 2 ranks, resumed by 1: the state cannot be dealt out, so it is kept and the resume says so.
+    capsys.readouterr()
+    session.checkpoints._load_per_rank([{"carry": {"seen": [0]}}, {"carry": {"seen": [1]}}])
+    assert resumed.seen == [0, 1, 2, 3, 4]
+    assert ("WARNING: the per-rank state of ['carry'] was saved by 2 ranks, this run has 1: each rank keeps "
+            "the state it starts with") in capsys.readouterr().out
+    _train_per_rank(tmp_path / "without", 3)
+    with pytest.raises(CheckpointError, match=r"the checkpoint has no state for \['carry'\]"):
+        _train_per_rank(tmp_path / "without", 5, harness.Values(seen=[]))
