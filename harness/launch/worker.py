@@ -174,7 +174,8 @@ def entrypoint(main: Callable[[], object]) -> NoReturn:
     except SystemExit as done:  # Preempted is a SystemExit with code 75
         code = _exit_code(done.code)
     except KeyboardInterrupt:
-        print(f"harness: {INTERRUPTED_MESSAGE}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+            print(f"harness: {INTERRUPTED_MESSAGE}", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except BaseException as error:
         rank = os.environ.get("RANK", "0")
