@@ -242,6 +242,15 @@ class CheckpointManager:
                 return ref
             if self.env.is_main:
                 log.warning("skipping corrupt checkpoint %s/%s: %s", self.store.root, ref.name, "; ".join(found))
+        if candidates and below is None:
+            # Starting fresh would train from step 0 as if nothing had been saved, and write new
+            # checkpoints over the damaged ones: a person must decide (every rank raises this).
+            names = ", ".join(ref.name for ref in candidates)
+            raise CheckpointError(
+                f"every complete checkpoint in {self.store.root} failed verification ({names}; the warnings "
+                "above say why), so this run will not start fresh over them. HINT: restore the folder from "
+                "a copy, move the damaged step_* folders aside, or add checkpoint.resume=false "
+                "checkpoint.set_aside=true to set them aside and start over")
         return None
 
     def _problems_everywhere(self, ref: CheckpointRef) -> list[str]:

@@ -4,6 +4,7 @@ a step, and the metric a stop's checkpoint records. In-process, one rank, real c
 from __future__ import annotations
 
 import json
+import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,3 +237,32 @@ def test_per_rank_state_comes_back_and_a_checkpoint_without_it_is_a_clear_error(
     _train_per_rank(tmp_path / "without", 3)
     with pytest.raises(CheckpointError, match=r"the checkpoint has no state for \['carry'\]"):
         _train_per_rank(tmp_path / "without", 5, harness.Values(seen=[]))
+
+
+def test_a_folder_whose_every_checkpoint_is_damaged_is_refused_not_trained_over(tmp_path):
+    """Every complete checkpoint fails verification: starting fresh would write step 1, 2, ... over
+    the evidence and throw the run's progress away unseen, so the resume stops with an error and
+    touches nothing. A folder whose only checkpoint has no manifest (a crash during the first save)
+    still starts fresh: that is the normal way a first save dies."""
+    from harness import CheckpointError
+
+    def run(max_steps: int) -> Session:
+        with Session(_config(tmp_path, max_steps, every_steps=1), env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)):
+                model(batch).sum().backward()
+        return session
+
+    run(2)
+    payloads = sorted(tmp_path.glob("step_*/state.safetensors"))
+    assert len(payloads) == 2
+    for payload in payloads:
+        os.truncate(payload, 100)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with pytest.raises(CheckpointError, match=r"every complete checkpoint in .* failed verification "
+                                              r"\(step_000000002, step_000000001;.*HINT: restore the folder"):
+        run(3)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    for manifest in tmp_path.glob("step_*/manifest.json"):  # the control: saves that never committed
+        manifest.unlink()
+    assert run(3).resumed_from is None
