@@ -19,7 +19,6 @@ one way to locate, load and flatten checkpoints; split, each piece would re-impo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from harness.checkpoint.keys import strip_wrapper_prefixes
-from harness.checkpoint.payload import KEY_PER_RANK, MODEL, PAYLOAD_FORMAT, extract_model_state
+from harness.checkpoint.payload import KEY_PER_RANK, MODEL, PAYLOAD_FORMAT, digest, extract_model_state, iter_leaves
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
 from harness.checkpoint.layout import INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, CheckpointRef, STEP_DIR
 from harness.checkpoint.manifest import entries as manifest_entries
@@ -216,16 +215,6 @@ def iter_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
     return ((key, value) for key, value in iter_leaves(obj) if isinstance(value, torch.Tensor))
 
 
-def digest(obj: Any) -> str:
-    """sha256 over (key, dtype, shape, bytes) of every tensor in sorted key order."""
-    hasher = hashlib.sha256()
-    for key, tensor in sorted(iter_tensors(obj), key=lambda item: item[0]):
-        tensor = tensor.detach().cpu().contiguous()
-        hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return hasher.hexdigest()
-
-
 def groups_of(obj: Any, source: str = "the file") -> dict[str, Any]:
     """The named groups of a checkpoint: harness payload sections (per-rank objects as
     ``name@rankR``), or a single 'model' group."""
@@ -342,18 +331,6 @@ def _print_reports(store: CheckpointStore, reports: list) -> list[str]:
 
 
 # ---- diff -------------------------------------------------------------------------------------------
-
-def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every leaf of a nested structure: tensors, numbers, strings, None."""
-    if isinstance(obj, dict):
-        for key in obj:
-            yield from iter_leaves(obj[key], f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for index, item in enumerate(obj):
-            yield from iter_leaves(item, f"{prefix}.{index}" if prefix else str(index))
-    else:
-        yield prefix, obj
-
 
 def flatten_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, Any], dict]:
     """Every leaf of every group, keyed ``group.key`` (``model.fc.weight``, ``optimizer.state.0.step``),

@@ -183,6 +183,7 @@ class Session:
         model = model.to(self.env.device)
         wrapped = self.strategy.wrap(model)
         self._register(name, wrapped if self.strategy.takes(wrapped) else model)
+        self.checkpoints.replicated.add(name)  # DDP broadcasts its buffers: per-rank drift between steps is harmless
         return wrapped
 
     def register(self, **objects: Any) -> None:

@@ -191,6 +191,7 @@ def assert_same_training(run_dir: Path, reference_dir: Path, steps: int = STEPS)
     run, ref = newest_payload(run_dir), newest_payload(reference_dir)
     assert run["progress"]["step"] == ref["progress"]["step"] == steps
     assert_tensors_equal(run["state"], ref["state"], "state")
+    assert_tensors_equal(run.get("per_rank", []), ref.get("per_rank", []), "per_rank")
     assert run["progress"] == ref["progress"], f"progress differs: {run['progress']} != {ref['progress']}"
     assert len(run["rng"]) == len(ref["rng"]) >= 1, "the checkpoints hold RNG states of different world sizes"
     assert_tensors_equal(run["rng"], ref["rng"], "rng")

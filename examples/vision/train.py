@@ -303,7 +303,11 @@ def main() -> None:
         epochs = math.ceil(cfg.trainer.max_steps / session.steps_per_epoch)
         scheduler = make_scheduler(optimizer, args.lr_warmup_epochs, epochs, args.lr_warmup_decay)
         model_ema = ExponentialMovingAverage(model_without_ddp, decay=args.model_ema_decay)
-        session.register(optimizer=optimizer, scheduler=scheduler, model_ema=model_ema)
+        session.register(optimizer=optimizer, scheduler=scheduler)
+        # Each rank's EMA averages its own BatchNorm statistics (use_buffers=True: every rank's model
+        # updates them from its own batch after DDP's broadcast), so the EMAs differ per rank, and the
+        # evaluation averages over them: each rank's is saved and restored.
+        session.register_per_rank(model_ema=model_ema)
 
         for images, targets in session.batches(train_loader):
             with torch.autocast(session.device.type, dtype=torch.bfloat16):

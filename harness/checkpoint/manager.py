@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
 import torch.distributed as dist
 
 from harness.checkpoint import checksum, prefetch
@@ -30,7 +31,7 @@ from harness.checkpoint.layout import (HASH_CHUNK, INFO_SHARDED, INFO_STRATEGY, 
                                        SHARDS_DIR, CheckpointRef, checking_rank, payload_file, step_dir_name, step_of)
 from harness.checkpoint.payload import (KEY_CONFIG, KEY_PER_RANK, KEY_PROGRESS, KEY_RNG, KEY_SAMPLERS, KEY_STATE, MODEL,
                                         DataShape, Progress, StateRegistry, build_payload, capture_rng,
-                                        check_payload, extract_model_state, on_cpu, own_memory,
+                                        check_payload, digest, extract_model_state, on_cpu, own_memory,
                                         seed_everything, versions)
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.staged import StagedStorage, publish
@@ -142,6 +143,8 @@ class CheckpointManager:
         self.writer = CheckpointWriter(self.store, self.retention, asynchronous=self.ckpt.async_save) \
             if env.is_main else None
         self.last_saved_step: Optional[int] = None
+        self.replicated: set[str] = set()  # registered names the strategy keeps equal on every rank (a DDP model)
+        self._ranks_compared = False  # the shared objects were compared across ranks (first save of a launch)
         self.resumed_from: Optional[CheckpointRef] = None
         self.pending_rng: Optional[dict] = None  # this rank's RNG, restored once the loader is positioned
         self.pending_sampler: Optional[dict] = None  # this rank's user sampler as its epoch began
@@ -651,8 +654,11 @@ class CheckpointManager:
         """
         if self.last_saved_step == self.progress.step:
             return
-        per_rank = self._gather((capture_rng(), sampler_state, on_cpu(self.per_rank.state_dict())))
-        rng_per_rank, samplers_per_rank, states_per_rank = (list(column) for column in zip(*per_rank))
+        compared = self._shared_digests()
+        per_rank = self._gather((capture_rng(), sampler_state, on_cpu(self.per_rank.state_dict()), compared))
+        rng_per_rank, samplers_per_rank, states_per_rank, digests = (list(column) for column in zip(*per_rank))
+        if compared is not None:
+            self._warn_if_ranks_differ(digests)
         written = self._save_shards() if self.strategy.sharded else None
 
         def submit() -> None:  # rank 0; returns once committed (async: once snapshotted)
@@ -669,6 +675,26 @@ class CheckpointManager:
             warning = grace_warning(self.writer.last_save_s, self.cfg.preempt.grace_s)
             if warning:
                 self.say("WARNING: " + warning)
+
+    def _shared_digests(self) -> Optional[dict[str, str]]:
+        """At a launch's first save with several ranks: a digest of each registered object that only
+        rank 0 saves and that nothing keeps equal across ranks (not a DDP model, not an optimizer,
+        whose gradients DDP averages), to find state that silently differs per rank. None otherwise."""
+        if self._ranks_compared or self.env.world_size == 1:
+            return None
+        self._ranks_compared = True
+        return {name: digest(self.registry.get(name).state_dict(), values=True) for name in self.registry.names
+                if name not in self.replicated and not isinstance(self.registry.get(name), torch.optim.Optimizer)}
+
+    def _warn_if_ranks_differ(self, digests: list[dict[str, str]]) -> None:
+        for name, rank0 in digests[0].items():
+            others = [rank for rank, per_rank in enumerate(digests) if per_rank.get(name) != rank0]
+            if others:
+                self.say(f"WARNING: the registered {name!r} differs between ranks at step {self.progress.step} "
+                         f"(rank {others[0]} differs from rank 0{f' and {len(others) - 1} more' if others[1:] else ''}): "
+                         "only rank 0's is saved, so after a resume every rank holds rank 0's and the run "
+                         "is not the one it would have been. HINT: keep it the same on every rank, or "
+                         f"register it with session.register_per_rank({name}=...) to keep each rank's own")
 
     def _save_shards(self) -> dict[str, dict]:
         """Every rank writes its shards of step ``progress.step`` and hashes the files it wrote; rank

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
+import xxhash
 
 from harness import __version__
 from harness.checkpoint.errors import CheckpointError
@@ -176,6 +177,32 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from _tensors(value)
+
+
+def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested structure: tensors, numbers, strings, None."""
+    if isinstance(obj, dict):
+        for key in obj:
+            yield from iter_leaves(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            yield from iter_leaves(item, f"{prefix}.{index}" if prefix else str(index))
+    else:
+        yield prefix, obj
+
+
+def digest(obj: Any, values: bool = False) -> str:
+    """XXH3-128 over (key, dtype, shape, bytes) of every tensor in sorted key order; with ``values``
+    also over the other leaves (numbers, strings: their repr, exact for floats)."""
+    hasher = xxhash.xxh3_128()
+    for key, value in sorted(iter_leaves(obj), key=lambda item: item[0]):
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif values:
+            hasher.update(f"{key}|{value!r}|".encode())
+    return hasher.hexdigest()
 
 
 def on_cpu(state: Any) -> Any:

@@ -138,6 +138,7 @@ def assert_same_run(ckpt_dir: Path, reference: Path, steps: int, evaluated: tupl
     run_payload, ref_payload = newest_payload(ckpt_dir), newest_payload(reference)
     assert run_payload["progress"]["step"] == ref_payload["progress"]["step"] == steps
     assert_tensors_equal(run_payload["state"], ref_payload["state"], "state")
+    assert_tensors_equal(run_payload.get("per_rank", []), ref_payload.get("per_rank", []), "per_rank")
     run_rows, ref_rows = metrics(ckpt_dir), metrics(reference)
     assert sorted(ref_rows) == list(range(1, steps + 1))
     # By design, a stop agreed during a step's evaluation saves that step without its val_loss (the
@@ -305,7 +306,10 @@ def test_vision_example_resumes_bit_exactly_across_sigterm_sigkill_and_changed_w
     assert_resumed_from(result.stdout, ckpt_dir, saved)
     assert_same_run(ckpt_dir, vision_reference, VISION.steps, evaluated=EVALUATED)
     run_payload, ref_payload = newest_payload(ckpt_dir), newest_payload(vision_reference)
-    assert set(ref_payload["state"]) >= {"model", "optimizer", "scheduler", "model_ema"}
+    assert set(ref_payload["state"]) >= {"model", "optimizer", "scheduler"}
+    emas = [states["model_ema"] for states in ref_payload["per_rank"]]  # compared by assert_same_run
+    assert len(emas) == 2 and not torch.equal(emas[0]["module.stem.1.running_mean"], emas[1]["module.stem.1.running_mean"])
+    assert "differs between ranks" not in result.stdout, result.stdout  # nothing shared differs per rank
     assert run_payload["progress"] == ref_payload["progress"]
     assert len(run_payload["rng"]) == 2
     assert_tensors_equal(run_payload["rng"], ref_payload["rng"], "rng")  # every rank's torch, python, numpy

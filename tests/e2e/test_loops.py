@@ -142,12 +142,16 @@ def test_a_users_script_is_refused_clearly_when_missing(tmp_path):
 def test_state_registered_per_rank_resumes_each_ranks_own(tmp_path, script_reference, shared):
     """A state carried across batches that differs per rank (an RNN's hidden state) and feeds the
     loss: registered with register_per_rank, each rank gets its own back and the run resumes bit for
-    bit; registered as shared (rank 0's state saved, every rank restores it), rank 1 resumes with
-    rank 0's and the model differs: the control that shows the test can fail."""
+    bit; registered as shared (rank 0's state saved, every rank restores it), the first save warns
+    that it differs between ranks, rank 1 resumes with rank 0's and the model differs: the control
+    that shows the test can fail."""
     ckpt_dir = tmp_path / "ckpt"
     carry = ["--carry-shared"] if shared else []
     stopped = _script(ckpt_dir, "--where=before_forward", "--at=10", *carry)
     assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stdout + stopped.stderr
+    # The first save compares what only rank 0 saves across ranks, and names what differs.
+    warned = "WARNING: the registered 'carry' differs between ranks at step 10 (rank 1 differs from rank 0)"
+    assert (warned in stopped.stdout) == shared, stopped.stdout
     resumed = _script(ckpt_dir, *carry)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_resumed_from(resumed.stdout, ckpt_dir, 10)
