@@ -7,6 +7,7 @@ chooses, the others learn the outcome, and a failure on any rank raises on all o
 
 from __future__ import annotations
 
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -92,7 +93,8 @@ CHANGES_SHOWN = 5
 
 
 def _training_settings(config: dict) -> dict[str, Any]:
-    """The TRAINING_SECTIONS of a config, flattened to dotted keys."""
+    """The TRAINING_SECTIONS of a config, flattened to dotted keys (a script's run: without ``task``,
+    which only the built-in loop reads)."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -103,7 +105,7 @@ def _training_settings(config: dict) -> dict[str, Any]:
             flat[prefix] = value
 
     for section in TRAINING_SECTIONS:
-        if section in config:
+        if section in config and not (section == "task" and config.get("script")):
             walk(section, config[section])
     return flat
 
@@ -111,6 +113,25 @@ def _training_settings(config: dict) -> dict[str, Any]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _change(key: str, before: Any, now: Any) -> str:
+    """``key before -> now``; for two lists (script_args) only the items that changed, each with the
+    flag before it when only its value changed (``['--lr', '3'] -> ['--lr', '5']``)."""
+    if not (isinstance(before, list) and isinstance(now, list)):
+        return f"{key} {_short(before)} -> {_short(now)}"
+    def part(b1: int, b2: int, n1: int, n2: int) -> str:
+        flag = b1 > 0 and str(before[b1 - 1]).startswith("-") and not any(
+            str(item).startswith("-") for item in before[b1:b2] + now[n1:n2])
+        return f"{key} {_short(before[b1 - flag:b2])} -> {_short(now[n1 - flag:n2])}"
+
+    parts = []
+    for tag, b1, b2, n1, n2 in difflib.SequenceMatcher(a=before, b=now, autojunk=False).get_opcodes():
+        if tag == "replace" and b2 - b1 == n2 - n1:  # item by item: each value with its own flag
+            parts += [part(b1 + i, b1 + i + 1, n1 + i, n1 + i + 1) for i in range(b2 - b1)]
+        elif tag != "equal":
+            parts.append(part(b1, b2, n1, n2))
+    return "; ".join(parts)
 
 
 class CheckpointManager:
@@ -601,13 +622,15 @@ class CheckpointManager:
         if not saved:  # checkpoints of the tools and tests carry no config
             return
         before, now = _training_settings(saved), _training_settings(self.config_data)
-        changed = [f"{key} {_short(before.get(key))} -> {_short(now.get(key))}"
+        changed = [_change(key, before.get(key), now.get(key))
                    for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
         if changed:
             shown = "; ".join(changed[:CHANGES_SHOWN]) + (f"; and {len(changed) - CHANGES_SHOWN} more"
                                                           if len(changed) > CHANGES_SHOWN else "")
-            self.say(f"note: the run resumes with settings that differ from its checkpoint's: {shown}. "
-                     "It continues with the new ones, so it is not the run it would have been uninterrupted")
+            self.say(f"note: the run resumes with settings that differ from its checkpoint's: {shown}. It "
+                     "continues with them where the script reads them (state restored from the checkpoint, "
+                     "such as an optimizer's or a scheduler's learning rate, keeps its saved values), so it "
+                     "is not the run it would have been uninterrupted")
 
     def init_from(self, path: str) -> None:
         """Load pretrained weights into the model on every rank (a fresh run's ``init_from``).

@@ -173,7 +173,23 @@ def test_a_resume_with_changed_training_settings_names_them(tmp_path, capsys):
     assert "resumed from" in same and "settings that differ" not in same
     changed = run(4, 4, ["--lr=10"])
     assert ("note: the run resumes with settings that differ from its checkpoint's: "
-            "script_args ['--lr=3'] -> ['--lr=10']; trainer.seed 3 -> 4.") in changed, changed
+            "script_args ['--lr=3'] -> ['--lr=10']; trainer.seed 3 -> 4. It continues with them where "
+            "the script reads them (state restored from the checkpoint, such as an optimizer's or a "
+            "scheduler's learning rate, keeps its saved values)") in changed, changed
+    # A long argument list: only what changed is named (a value with its flag), however long the list.
+    run(5, 4, ["--model=resnet18", "--dist-bn=none", "--eval-generator", "--lr", "3e-3", "--warmup-epochs=5"])
+    longer = run(6, 4, ["--model=resnet18", "--dist-bn=none", "--eval-generator", "--lr", "5e-3", "--warmup-epochs=0"])
+    assert ("script_args ['--lr', '3e-3'] -> ['--lr', '5e-3']; script_args ['--warmup-epochs=5'] -> "
+            "['--warmup-epochs=0']. It continues") in longer, longer
+
+
+def test_a_scripts_run_compares_no_task_settings():
+    """task.* configures the built-in loop only: a script's run that changed it changed nothing."""
+    from harness.checkpoint.manager import _training_settings
+
+    config = {"script": "train.py", "script_args": [], "task": {"scheduler": {"T_max": 20}}, "trainer": {"seed": 1}}
+    assert _training_settings(config) == {"script": "train.py", "script_args": [], "trainer.seed": 1}
+    assert "task.scheduler.T_max" in _training_settings(config | {"script": None})
 
 
 def test_a_resume_over_a_dataset_of_another_size_warns_that_the_epoch_order_changed(tmp_path, capsys):
