@@ -21,6 +21,7 @@ import torch.distributed as dist
 from harness.checkpoint.errors import CheckpointError
 
 FAILED_RANKS = "failed_ranks"  # attribute of a collective's error: the ranks whose failure it reports
+LOST_PEER = "harness_lost_peer"  # set on an error a lost peer caused, once its line was printed
 
 
 def distributed() -> bool:

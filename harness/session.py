@@ -35,7 +35,7 @@ from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.payload import MODEL, STREAM, DataShape, Progress, StateRegistry, restore_rng, seed_everything
 from harness.checkpoint.folder import check_run_folders
-from harness.collectives import Peer, describe_lost_peer, gather_peers, on_rank0
+from harness.collectives import LOST_PEER, Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
 from harness.env import DistEnv, launched_config, read_env
 from harness.progress import ProgressReporter
@@ -118,6 +118,7 @@ class Session:
             lost = describe_lost_peer(exc, self.peers, self.env.rank)
             if lost is not None:  # every rank that saw it says so: the survivors' logs name the node
                 print(f"[rank {self.env.rank}] {lost}", file=sys.stderr, flush=True)
+                setattr(exc, LOST_PEER, lost)  # said: the worker prints no traceback of the broken collective
         self.close(barrier=exc_type is None or issubclass(exc_type, Preempted))
 
     def close(self, barrier: bool = True) -> None:

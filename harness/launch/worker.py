@@ -86,12 +86,15 @@ def report_known_error(error: BaseException, rank: int) -> bool:
     Known conditions are CheckpointError (a folder in use by another job, a full disk, a folder that
     cannot be written, ...) and ConfigError: their message says what happened and what to do. An
     error a collective raised because OTHER ranks failed (``failed_ranks``, harness.collectives) is
-    reported by those ranks, so this rank stays quiet, whatever the cause. A bug keeps its traceback.
+    reported by those ranks, so this rank stays quiet, whatever the cause; so is one raised because a
+    peer vanished, once the Session has named it (``LOST_PEER``). A bug keeps its traceback.
     """
     from harness.checkpoint.errors import CheckpointError
-    from harness.collectives import FAILED_RANKS
+    from harness.collectives import FAILED_RANKS, LOST_PEER
     from harness.config import ConfigError
 
+    if getattr(error, LOST_PEER, None):  # the Session named the rank and node that vanished
+        return True
     failed = getattr(error, FAILED_RANKS, None)
     if failed is not None and rank not in failed:
         return True

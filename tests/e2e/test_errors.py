@@ -183,6 +183,19 @@ def test_a_full_disk_under_the_checkpoint_folder_is_one_line_with_a_free_space_h
     assert "lost contact" not in output, output
 
 
+def test_a_bug_on_one_rank_is_its_traceback_and_one_line_from_the_others(tmp_path):
+    """A user's exception on rank 0: rank 0 prints its traceback; rank 1, whose next collective
+    breaks, names the rank it lost in one line instead of a second, misleading gloo traceback."""
+    script = REPO / "tests" / "scripts" / "user_loop.py"
+    result = run_launch(tmp_path / "ckpt", f"script={script}", "script_args=['--fail-at=3']",
+                        "trainer.max_steps=10", timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert output.count("Traceback") == 1 and "ValueError: a bug in the user's step 3" in output, output
+    assert "[rank 1] lost contact with rank 0 on node" in output, output
+    assert "Connection closed by peer" not in output and "Connection reset" not in output, output
+
+
 # ---- a double Ctrl-C is a request, not a crash -------------------------------------------------------
 
 DEADLOCK = REPO / "tests" / "scripts" / "deadlock.py"

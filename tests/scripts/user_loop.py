@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--at", type=int, default=0, help="the step (1-based) in which to act")
     parser.add_argument("--save", action="store_true", help="call session.save() instead of stopping")
     parser.add_argument("--carry-shared", action="store_true", help="register the per-rank carry as shared")
+    parser.add_argument("--fail-at", type=int, default=0, help="rank 0 raises a bug of the user's in this step")
     args = parser.parse_args()
     cfg = harness.load_config()
     with harness.Session(cfg) as session:
@@ -49,6 +50,8 @@ def main() -> None:
                     session.request_stop()
                 assert session.check_stop(), "an agreed stop inside a step must report True"
 
+            if step == args.fail_at and session.env.rank == 0:
+                raise ValueError(f"a bug in the user's step {step}")
             optimizer.zero_grad(set_to_none=True)
             point("before_forward")
             total = torch.zeros(())
