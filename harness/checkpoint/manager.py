@@ -706,11 +706,21 @@ class CheckpointManager:
         if self._ranks_compared or self.env.world_size == 1:
             return None
         self._ranks_compared = True
-        return {name: digest(self.registry.get(name).state_dict(), values=True) for name in self.registry.names
-                if name not in self.replicated and not isinstance(self.registry.get(name), torch.optim.Optimizer)}
+        digests: dict[str, Optional[str]] = {}
+        for name in self.registry.names:
+            obj = self.registry.get(name)
+            if name in self.replicated or isinstance(obj, torch.optim.Optimizer):
+                continue
+            try:
+                digests[name] = digest(obj.state_dict(), values=True)
+            except Exception:  # a tensor type it cannot read: not compared (the save itself must go on)
+                digests[name] = None
+        return digests
 
-    def _warn_if_ranks_differ(self, digests: list[dict[str, str]]) -> None:
+    def _warn_if_ranks_differ(self, digests: list[dict[str, Optional[str]]]) -> None:
         for name, rank0 in digests[0].items():
+            if rank0 is None or any(per_rank.get(name) is None for per_rank in digests):
+                continue
             others = [rank for rank, per_rank in enumerate(digests) if per_rank.get(name) != rank0]
             if others:
                 self.say(f"WARNING: the registered {name!r} differs between ranks at step {self.progress.step} "
