@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import itertools
 import os
 import sys
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -175,14 +176,41 @@ class Session:
             raise TypeError("a stream (iterable dataset) has no known epoch length")
         return data_mod.steps_per_epoch(loader) // self._accumulate
 
-    def prepare(self, model: torch.nn.Module, name: str = MODEL) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, name: str = MODEL,
+                init: Optional[Callable[[torch.nn.Module], Any]] = None) -> torch.nn.Module:
         """Move the model to this rank's device, wrap it as ``trainer.strategy`` says (ddp: in DDP
         when there are several ranks; fsdp: FSDP2 ``fully_shard`` per block, then the root) and
         register it (unwrapped, so no ``module.`` prefix ever reaches a file).
 
-        With fsdp, build the optimizer from the returned model's parameters (they are sharded)."""
-        model = model.to(self.env.device)
-        wrapped = self.strategy.wrap(model)
+        With fsdp, build the optimizer from the returned model's parameters (they are sharded); a
+        model you sharded yourself (``fully_shard`` with your own options) is taken as it is.
+
+        A model built on the meta device (``with torch.device("meta"): model = Big()``: no memory)
+        is materialised on this rank's device, under fsdp after sharding (each rank allocates its
+        shards only, so no rank ever holds the whole model), then ``init(model)`` sets its values,
+        under ``torch.no_grad()``: every parameter and every buffer computed in ``__init__`` (e.g.
+        ``init=lambda model: model.reset_parameters()``). Required for such a model; it runs at every
+        launch, and a resume then loads the checkpoint over it.
+        """
+        device = self.env.device
+        on_meta = any(tensor.is_meta for tensor in itertools.chain(model.parameters(), model.buffers()))
+        if on_meta and init is None:
+            raise ValueError(f"session.prepare: the model is on the meta device, so its memory holds nothing "
+                             f"once materialised on {device}. HINT: pass init=, a function that sets every "
+                             "parameter and buffer, e.g. init=lambda model: model.reset_parameters()")
+        if self.strategy.sharded:
+            sharded_already = any(hasattr(param, "placements") for param in model.parameters())
+            wrapped = self.strategy.wrap(model if on_meta or sharded_already else model.to(device))
+            if on_meta:
+                wrapped.to_empty(device=device)
+            model = wrapped
+        else:
+            model = model.to_empty(device=device) if on_meta else model.to(device)
+        if init is not None:
+            with torch.no_grad():  # before DDP is built: it broadcasts rank 0's values to every rank
+                init(model)
+        if not self.strategy.sharded:
+            wrapped = self.strategy.wrap(model)
         self._register(name, wrapped if self.strategy.takes(wrapped) else model)
         self.checkpoints.replicated.add(name)  # DDP broadcasts its buffers: per-rank drift between steps is harmless
         return wrapped

@@ -50,6 +50,10 @@ class NotFlat(TypeError):
     """The payload holds something the flat format does not store (the caller uses torch.save)."""
 
 
+class ShardedTensor(NotFlat):
+    """The payload holds a DTensor: each rank has only its shard, so no one file of rank 0 stores it."""
+
+
 @dataclass
 class FlatPlan:
     """Where each tensor of one payload goes in the file. ``sources[i]`` fills ``spans[i]``."""
@@ -121,6 +125,8 @@ def _encode(obj: Any, path: str, found: dict[str, torch.Tensor]) -> Any:
 
 
 def _add_tensor(tensor: torch.Tensor, path: str, found: dict[str, torch.Tensor]) -> str:
+    if hasattr(tensor, "placements"):  # a DTensor (torch.distributed.tensor), without importing it
+        raise ShardedTensor(f"{path} is a DTensor ({tensor.placements}) of global shape {tuple(tensor.shape)}")
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided \
             or tensor.dtype not in _DTYPES or tensor.is_quantized or tensor.device.type == "meta":
         raise NotFlat(f"{path} is a {type(tensor).__name__} ({tensor.dtype}, {tensor.layout}, {tensor.device})")

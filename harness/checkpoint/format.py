@@ -21,6 +21,7 @@ from typing import IO, Any, Callable, Optional
 import torch
 
 from harness.checkpoint import flat
+from harness.checkpoint.errors import CheckpointError
 from harness.checkpoint.layout import LEGACY_PAYLOAD_NAME, PAYLOAD_NAME
 
 log = logging.getLogger("harness")
@@ -50,6 +51,10 @@ def encode(payload: dict) -> PayloadFile:
     """The flat file when the payload is plain data, else torch.save's (warned about once)."""
     try:
         return PayloadFile(PAYLOAD_NAME, flat.plan(payload).write_to)
+    except flat.ShardedTensor as reason:  # torch.save would keep rank 0's shard: a file no resume can use
+        raise CheckpointError(f"checkpoint state {reason}: a tensor sharded across ranks, of which rank 0 "
+                              "holds only its own part. HINT: run with trainer.strategy=fsdp, which saves "
+                              "every rank's shards") from None
     except flat.NotFlat as reason:
         return legacy(payload, reason)
 

@@ -25,7 +25,13 @@ class DDPStrategy:
         self.env = env
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP when there are several ranks; the model as it is on one."""
+        """DDP when there are several ranks; the model as it is on one. Raises ValueError for a model
+        whose parameters are DTensors (sharded by ``fully_shard``): DDP would replicate its shards,
+        and rank 0's checkpoint would hold its own shards only."""
+        if any(hasattr(param, "placements") for param in model.parameters()):
+            raise ValueError("the model's parameters are DTensors (sharded by fully_shard): trainer.strategy=ddp "
+                             "keeps whole models, and would save rank 0's shards only. HINT: run with "
+                             "trainer.strategy=fsdp")
         if self.env.world_size == 1:
             return model
         device_ids = [self.env.device.index] if self.env.uses_cuda else None

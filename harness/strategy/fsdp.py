@@ -51,7 +51,11 @@ class FSDPStrategy:
     # ----- training -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
         """``fully_shard`` each block (innermost first), then the root; returns the same module,
-        now an FSDPModule. Raises ValueError when ``trainer.fsdp_shard`` names no class of the model."""
+        now an FSDPModule. A model already sharded by its script (an FSDPModule: ``fully_shard`` with
+        its own mesh, resharding or offload options) is returned as it is. Raises ValueError when
+        ``trainer.fsdp_shard`` names no class of the model."""
+        if isinstance(model, FSDPModule):
+            return model
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
             if self.mixed_precision else MixedPrecisionPolicy()

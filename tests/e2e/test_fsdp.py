@@ -492,3 +492,55 @@ def test_init_from_a_sharded_checkpoint_reads_each_ranks_own_shards_only(tmp_pat
             assert all(0.4 * model_bytes < each < 0.6 * model_bytes for each in read), (read, model_bytes)
         else:
             assert all(each > model_bytes for each in read), (read, model_bytes)
+
+
+# ----- a user's FSDP2 script: a model built on the meta device, or sharded by the script itself -------
+LOOP = REPO / "tests" / "scripts" / "fsdp_loop.py"
+LOOP_STEPS = 24
+
+
+def _loop(ckpt_dir: Path, *script_args: str, strategy: str = "fsdp"):
+    args = ",".join(f"'{arg}'" for arg in script_args)
+    return run_launch(ckpt_dir, f"script={LOOP}", f"script_args=[{args}]", f"trainer.strategy={strategy}",
+                      f"trainer.max_steps={LOOP_STEPS}", "checkpoint.every_steps=1000", "preempt.check_every=1")
+
+
+@pytest.mark.parametrize("build", ["meta", "own"])
+def test_a_script_built_on_meta_or_sharded_by_itself_resumes_bit_exactly(tmp_path, build):
+    """meta: no rank ever holds the whole model; prepare shards it, materialises each rank's shards
+    and runs the script's init (which must also set the buffer computed in __init__, absent from any
+    checkpoint). own: the script's fully_shard(reshard_after_forward=False) is kept. Either way a stop
+    requested by rank 1 and the relaunch end where an uninterrupted run ends."""
+    reference, ckpt_dir = tmp_path / "reference", tmp_path / "ckpt"
+    done = _loop(reference, f"--build={build}", f"--dump={tmp_path / 'reference.pt'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    stopped = _loop(ckpt_dir, f"--build={build}", "--stop-at=9")
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    resumed = _loop(ckpt_dir, f"--build={build}", f"--dump={tmp_path / 'resumed.pt'}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt_dir}/step_000000009" in resumed.stdout, resumed.stdout
+    final, expected = torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt")
+    assert_tensors_equal(final, expected)
+    assert torch.equal(final["scale"], torch.linspace(0.5, 1.5, 16)), "init must set the buffer too"
+    assert all(torch.isfinite(tensor).all() for tensor in final["model"].values())
+
+
+def test_a_meta_model_without_init_and_a_sharded_model_under_ddp_are_clear_errors(tmp_path):
+    """Each would train on nothing or save a fraction of the model: each is refused in one message."""
+    without_init = _loop(tmp_path / "a", "--build=meta", "--no-init")
+    assert without_init.returncode == 1
+    assert ("session.prepare: the model is on the meta device, so its memory holds nothing once materialised "
+            "on cpu. HINT: pass init=") in without_init.stderr, without_init.stderr
+    sharded = _loop(tmp_path / "b", "--build=own", strategy="ddp")
+    assert sharded.returncode == 1
+    assert ("the model's parameters are DTensors (sharded by fully_shard): trainer.strategy=ddp keeps whole "
+            "models, and would save rank 0's shards only. HINT: run with trainer.strategy=fsdp") in sharded.stderr
+    assert not list((tmp_path / "b").glob("step_*")), "nothing may be saved"
+    # Registered without prepare() under ddp: the first save refuses it (torch.save of rank 0's shards
+    # would be a checkpoint no resume can load).
+    registered = _loop(tmp_path / "c", "--build=own", "--register-only", strategy="ddp")
+    assert registered.returncode == 1
+    assert "is a DTensor" in registered.stderr and "HINT: run with trainer.strategy=fsdp" in registered.stderr, \
+        registered.stderr
+    assert "Traceback" not in registered.stderr, registered.stderr
+    assert not list((tmp_path / "c").glob("step_*/manifest.json")), "nothing may be committed"
