@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import signal
 import sys
 import threading
@@ -77,6 +78,28 @@ def run_worker(config_data: dict, flag: Optional[StopFlag] = None) -> int:
             raise  # a bug: main() prints its traceback
         return EXIT_ERROR
     return EXIT_OK
+
+
+_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms for (recv|send) operation|collective operation timeout")
+COLLECTIVE_TIMEOUT_HINT = (
+    "a collective timed out (trainer.collective_timeout_s): the ranks did not call the same collectives, "
+    "or one of them was stuck. HINT: every rank must call session.save() and session.check_stop() (and "
+    "collectives of your own) equally often, never under `if rank == 0`; raise "
+    "trainer.collective_timeout_s if one rank may work alone longer than that")
+
+
+def timeout_hint(error: BaseException) -> Optional[str]:
+    """The hint for an error of a collective that timed out (gloo, NCCL's watchdog), else None."""
+    return COLLECTIVE_TIMEOUT_HINT if _COLLECTIVE_TIMEOUT.search(str(error)) else None
+
+
+def report_failure(rank: str, error: BaseException) -> None:
+    """A bug's traceback (call inside its ``except``), then, for a collective that timed out, what
+    usually causes it: ranks that did not call the same collectives."""
+    print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    hint = timeout_hint(error)
+    if hint:
+        print(f"[rank {rank}] {hint}", file=sys.stderr, flush=True)
 
 
 def report_known_error(error: BaseException, rank: int) -> bool:
@@ -183,7 +206,7 @@ def entrypoint(main: Callable[[], object]) -> NoReturn:
     except BaseException as error:
         rank = os.environ.get("RANK", "0")
         if not (isinstance(error, Exception) and report_known_error(error, int(rank) if rank.isdigit() else 0)):
-            print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr)
+            report_failure(rank, error)
         code = EXIT_ERROR
     exit_now(code)
 
@@ -247,9 +270,8 @@ def main() -> int:
                      daemon=True).start()
     try:
         return run_worker(config_data, flag)
-    except Exception:
-        rank = os.environ.get("RANK", "?")
-        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    except Exception as error:
+        report_failure(os.environ.get("RANK", "?"), error)
         return EXIT_ERROR
 
 

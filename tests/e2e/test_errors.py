@@ -196,6 +196,20 @@ def test_a_bug_on_one_rank_is_its_traceback_and_one_line_from_the_others(tmp_pat
     assert "Connection closed by peer" not in output and "Connection reset" not in output, output
 
 
+def test_a_save_called_on_rank_0_only_ends_at_the_collective_timeout_with_the_hint(tmp_path):
+    """session.save() is a collective; `if rank == 0: session.save()` (the pattern of many torch
+    examples) leaves the ranks in different collectives until trainer.collective_timeout_s. Each rank
+    then says what usually causes it, beside its traceback."""
+    script = REPO / "tests" / "scripts" / "user_loop.py"
+    result = run_launch(tmp_path / "ckpt", f"script={script}", "trainer.max_steps=20",
+                        "trainer.collective_timeout_s=10",
+                        "script_args=['--where=after_step','--at=5','--save','--rank0-only']", timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert re.search(r"\[rank [01]\] a collective timed out \(trainer.collective_timeout_s\): the ranks did not "
+                     r"call the same collectives.*HINT: every rank must call session.save\(\)", output), output
+
+
 # ---- a double Ctrl-C is a request, not a crash -------------------------------------------------------
 
 DEADLOCK = REPO / "tests" / "scripts" / "deadlock.py"

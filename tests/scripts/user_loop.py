@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--where", choices=POINTS, default=None)
     parser.add_argument("--at", type=int, default=0, help="the step (1-based) in which to act")
     parser.add_argument("--save", action="store_true", help="call session.save() instead of stopping")
+    parser.add_argument("--rank0-only", action="store_true", help="with --save: only rank 0 calls it (a mistake)")
     parser.add_argument("--carry-shared", action="store_true", help="register the per-rank carry as shared")
     parser.add_argument("--fail-at", type=int, default=0, help="rank 0 raises a bug of the user's in this step")
     args = parser.parse_args()
@@ -44,7 +45,8 @@ def main() -> None:
                 if name != args.where or step != args.at:
                     return
                 if args.save:
-                    session.save()
+                    if session.env.rank == 0 or not args.rank0_only:
+                        session.save()
                     return
                 if session.env.rank == 1:
                     session.request_stop()
