@@ -33,9 +33,11 @@ import torch
 from harness.checkpoint.keys import strip_wrapper_prefixes
 from harness.checkpoint.payload import KEY_PER_RANK, MODEL, PAYLOAD_FORMAT, digest, extract_model_state, iter_leaves
 from harness.checkpoint.format import UnsafeCheckpoint, read_payload
-from harness.checkpoint.layout import INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, CheckpointRef, STEP_DIR
+from harness.checkpoint.errors import CheckpointError
+from harness.checkpoint.layout import (INFO_SHARDED, MANIFEST_NAME, SHARDS_DIR, STEP_DIR, CheckpointRef,
+                                     is_checkpoint_folder)
 from harness.checkpoint.manifest import entries as manifest_entries
-from harness.checkpoint.store import OK, CheckpointStore
+from harness.checkpoint.store import OK, CheckpointStore, local_checkpoint, newest_whole
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.local import LocalStorage
 
@@ -67,12 +69,6 @@ class Located:
 
     def __post_init__(self) -> None:
         self.shown = self.shown or self.file
-
-
-def is_checkpoint_folder(path: str) -> bool:
-    """One checkpoint (``step_*`` or a folder with a manifest), as opposed to a run's folder."""
-    path = path.rstrip("/") or path
-    return os.path.exists(os.path.join(path, MANIFEST_NAME)) or bool(STEP_DIR.match(os.path.basename(path)))
 
 
 def is_url(path: str) -> bool:
@@ -155,34 +151,21 @@ def locate(path: str) -> Located:
         raise ToolError(f"{path}: no such file or folder")
     if os.path.isfile(path):
         return Located(file=path)
-    if is_checkpoint_folder(path):
-        store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))
-        name = os.path.basename(os.path.abspath(path))
-        ref = next((r for r in store.list_complete() if r.name == name), None)
-        if ref is None:
-            raise ToolError(f"{path}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
-        return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
-    store = CheckpointStore(LocalStorage(path))
-    ref = _newest_whole(store)
-    if ref is None:
-        raise ToolError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    try:  # a checkpoint folder, whole (its files at their sizes), or a run folder's newest whole one
+        store, ref = local_checkpoint(path, say=_say)
+    except CheckpointError as error:
+        raise ToolError(str(error)) from None
     return Located(file=os.path.join(store.root, ref.payload_path), store=store, ref=ref)
 
 
+def _say(text: str) -> None:
+    print(f"harness.ckpt: {text}", file=sys.stderr)
+
+
 def _newest_whole(store: CheckpointStore) -> Optional[CheckpointRef]:
-    """The newest checkpoint whose files are all there at their recorded sizes (as a resume would
-    choose, without reading every byte for checksums: ``verify`` does that); each newer one that
-    is skipped is named on stderr with what is wrong."""
-    skipped = False
-    for ref in reversed(store.list_complete()):
-        found = store.problems(ref, verify=False)
-        if not found:
-            if skipped:
-                print(f"harness.ckpt: using {store.root}/{ref.name}", file=sys.stderr)
-            return ref
-        print(f"harness.ckpt: skipping {store.root}/{ref.name}: {'; '.join(found)}", file=sys.stderr)
-        skipped = True
-    return None
+    """A run folder's newest checkpoint whose files are all there at their recorded sizes; each
+    newer one skipped is named on stderr with what is wrong (``verify`` reads every byte)."""
+    return newest_whole(store, say=_say)
 
 
 def load_any(path: str, unsafe: bool) -> Any:
@@ -523,6 +506,11 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: Option
     storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
     name = os.path.basename(out)
     located = locate(path)
+    if located.store is not None:  # what is exported gets used: every byte against its checksum first
+        damaged = located.store.problems(located.ref, verify=True)
+        if damaged:
+            raise ToolError(f"{located.store.root}: {'; '.join(damaged)}; nothing exported. HINT: export an "
+                            "older checkpoint (its step_* folder), after python -m harness.ckpt verify")
     prefix = _sharded_prefix(located, state)
     if prefix is not None:
         return _export_sharded(located, prefix, out, dtype, fmt, storage)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,12 @@ SET_ASIDE_DIR = "set_aside"  # earlier runs' files, moved here by a fresh start 
 HASH_CHUNK = 8 << 20  # bytes read or copied at a time
 # torch.distributed.checkpoint names each rank's data files "__<rank>_<n>.distcp".
 RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    """One checkpoint (``step_*`` or a folder with a manifest), as opposed to a run's folder."""
+    path = path.rstrip("/") or path
+    return os.path.exists(os.path.join(path, MANIFEST_NAME)) or bool(STEP_DIR.match(os.path.basename(path)))
 
 
 def step_dir_name(step: int) -> str:

@@ -36,7 +36,7 @@ from harness.checkpoint.payload import (KEY_CONFIG, KEY_PER_RANK, KEY_PROGRESS, 
                                         seed_everything, versions)
 from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.staged import StagedStorage, publish
-from harness.checkpoint.store import CheckpointStore, Retention
+from harness.checkpoint.store import CheckpointStore, Retention, local_checkpoint
 from harness.checkpoint.writer import CheckpointWriter
 from harness.collectives import distributed, on_rank0, raise_if_any_failed, which_failed
 from harness.config import CheckpointConfig, HarnessConfig
@@ -85,10 +85,11 @@ STOPPED_INSIDE = ("note: the stop was agreed inside step {step} (session.check_s
 
 
 # Settings that shape what is trained, compared on a resume (trainer.max_steps and trainer.strategy
-# have messages of their own; log_every, metrics_file and collective_timeout_s change nothing trained).
+# have messages of their own; log_every, metrics_file, collective_timeout_s and meta_init, which skips
+# a random init the checkpoint overwrites, change nothing trained).
 TRAINING_SECTIONS = ("task", "script", "script_args", "trainer")
 NOT_COMPARED = {"trainer.max_steps", "trainer.strategy", "trainer.log_every", "trainer.metrics_file",
-                "trainer.collective_timeout_s"}
+                "trainer.collective_timeout_s", "task.meta_init"}
 CHANGES_SHOWN = 5
 
 
@@ -645,13 +646,26 @@ class CheckpointManager:
             error = exc
         raise_if_any_failed(error, f"checkpoint.init_from={path} could not be loaded", self.env.device)
 
+    def _init_source(self, path: str) -> str:
+        """The file or checkpoint folder ``init_from`` reads: a file as it is; a checkpoint folder if
+        its files are whole (present, at their recorded sizes); a run's folder's newest whole
+        checkpoint. Raises CheckpointError naming what is missing or damaged."""
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint.init_from={path}: no such file or folder")
+        if os.path.isfile(path):
+            return path
+        store, ref = local_checkpoint(path, say=lambda text: self.say(f"checkpoint.init_from: {text}"))
+        folder = os.path.join(store.root, ref.name)
+        return folder if sharded_folder(folder) else os.path.join(store.root, ref.payload_path)
+
     def _init_from(self, path: str) -> None:
         model = self.registry.get(MODEL) or self.strategy.adopted(MODEL)
         if model is None:
             raise RuntimeError("checkpoint.init_from needs a model: call session.prepare(model) first")
-        shards = sharded_folder(path)
+        source = self._init_source(path)
+        shards = sharded_folder(source)
         if shards is None:
-            file_state = extract_model_state(read_payload(path, unsafe=self.ckpt.unsafe_load), path)
+            file_state = extract_model_state(read_payload(source, unsafe=self.ckpt.unsafe_load), path)
         else:  # planned from the shards' metadata; the tensors are read into the model below
             from harness.strategy import dcp_state  # torch.distributed.checkpoint: only when used
 

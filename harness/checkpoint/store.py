@@ -21,12 +21,12 @@ from typing import IO, Callable, Iterable, Optional, TypeVar
 
 from harness.checkpoint import checksum, flat
 from harness.checkpoint import manifest as manifests
-from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, is_inside_folder, manifest_path,
-                                       step_dir_name, step_of)
+from harness.checkpoint.layout import (MANIFEST_NAME, PAYLOAD_NAME, CheckpointRef, is_checkpoint_folder,
+                                       is_inside_folder, manifest_path, step_dir_name, step_of)
 from harness.checkpoint.errors import CheckpointError, write_hint
 from harness.checkpoint.manifest import UnusableManifest
 from harness.checkpoint.storage import Storage
-from harness.checkpoint.storage.local import fsync_dir
+from harness.checkpoint.storage.local import LocalStorage, fsync_dir
 
 log = logging.getLogger("harness")
 T = TypeVar("T")
@@ -399,3 +399,42 @@ class CheckpointStore:
                         self.root, name, error)
             return False
         return True
+
+
+def newest_whole(store: CheckpointStore, say: Callable[[str], None]) -> Optional[CheckpointRef]:
+    """The newest checkpoint whose files are all there at their recorded sizes (as a resume would
+    choose, without reading every byte for checksums); ``say`` hears each newer one passed over,
+    what is wrong with it, and then which one is used."""
+    skipped = False
+    for ref in reversed(store.list_complete()):
+        found = store.problems(ref, verify=False)
+        if not found:
+            if skipped:
+                say(f"using {store.root}/{ref.name}")
+            return ref
+        say(f"skipping {store.root}/{ref.name}: {'; '.join(found)}")
+        skipped = True
+    return None
+
+
+def local_checkpoint(path: str, say: Callable[[str], None]) -> tuple[CheckpointStore, CheckpointRef]:
+    """The checkpoint a local folder names: itself (a ``step_*`` folder or one with a manifest),
+    or, for a run's folder, its newest whole one (``say``: see ``newest_whole``). Raises CheckpointError, naming what is wrong, for
+    an incomplete checkpoint, one whose files are missing or of the wrong size, or a run folder
+    without a whole one."""
+    path = path.rstrip("/") or path
+    if is_checkpoint_folder(path):
+        store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))
+        name = os.path.basename(os.path.abspath(path))
+        ref = next((r for r in store.list_complete() if r.name == name), None)
+        if ref is None:
+            raise CheckpointError(f"{path}: no valid {MANIFEST_NAME}, so this checkpoint is incomplete")
+        found = store.problems(ref, verify=False)
+        if found:
+            raise CheckpointError(f"{path}: {'; '.join(found)}. HINT: python -m harness.ckpt verify {path}")
+        return store, ref
+    store = CheckpointStore(LocalStorage(path))
+    ref = newest_whole(store, say)
+    if ref is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
+    return store, ref

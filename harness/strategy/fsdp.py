@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from harness.checkpoint.layout import checking_rank
+from harness.config import ConfigError
 from harness.env import DistEnv
 from harness.strategy import dcp_state
 from harness.strategy.dcp_state import OPTIMIZER_KEY  # noqa: F401 (tools and tests read it here)
@@ -52,7 +53,7 @@ class FSDPStrategy:
     def wrap(self, model: nn.Module) -> nn.Module:
         """``fully_shard`` each block (innermost first), then the root; returns the same module,
         now an FSDPModule. A model already sharded by its script (an FSDPModule: ``fully_shard`` with
-        its own mesh, resharding or offload options) is returned as it is. Raises ValueError when
+        its own mesh, resharding or offload options) is returned as it is. Raises ConfigError when
         ``trainer.fsdp_shard`` names no class of the model."""
         if isinstance(model, FSDPModule):
             return model
@@ -155,8 +156,8 @@ def shard_units(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
         unknown = sorted(set(class_names) - {type(module).__name__ for module in units})
         if unknown:
             present = sorted({type(module).__name__ for module in modules})
-            raise ValueError(f"trainer.fsdp_shard={class_names}: the model has no module of class "
-                             f"{unknown}; its classes are {present}")
+            raise ConfigError(f"trainer.fsdp_shard={class_names}: the model has no module of class "
+                              f"{unknown}; its classes are {present}")
     else:
         units = [child for module in modules if isinstance(module, nn.ModuleList) for child in module]
     return _innermost_first(model, units)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,6 +319,14 @@ def test_tools_on_a_run_folder_skip_a_damaged_newest_checkpoint_and_say_so(train
     assert f"{step_dir_name(2)}" in captured.err and "truncated" in captured.err
     assert ckpt_main(["export", str(root), str(tmp_path / "weights.pt")]) == 0
     assert step_dir_name(1) in capsys.readouterr().err
+    # Named directly, the damaged checkpoint is one line naming the file and the fix (was a traceback
+    # from the file's reader).
+    for command in (["inspect", str(root / step_dir_name(2))],
+                    ["export", str(root / step_dir_name(2)), str(tmp_path / "damaged.pt")]):
+        assert ckpt_main(command) == 1
+        err = capsys.readouterr().err
+        assert "truncated" in err and "HINT: python -m harness.ckpt verify" in err and "Traceback" not in err, err
+    assert not (tmp_path / "damaged.pt").exists()
 
 
 # ---- inspect of other layouts -------------------------------------------------------------------------
@@ -417,3 +426,20 @@ def test_a_reader_that_stops_early_ends_inspect_quietly(trained):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, stderr  # 128 + SIGPIPE, as a shell shows for `cat` or `grep`
     assert stderr == "", "no BrokenPipeError traceback, nothing at all"
+
+
+def test_export_reads_every_byte_against_its_checksum_first(trained, tmp_path, capsys):
+    """A flipped byte keeps the file's size, so only the checksum sees it; exported weights get used,
+    so export checks every byte first and writes nothing from a damaged checkpoint."""
+    root, _, _ = trained
+    copy = tmp_path / "damaged-run"
+    shutil.copytree(root, copy)
+    payload = next((copy / step_dir_name(2)).glob("state.*"))
+    data = bytearray(payload.read_bytes())
+    data[-10] ^= 0xFF  # inside the last tensor
+    payload.write_bytes(bytes(data))
+    assert ckpt_main(["export", str(copy / step_dir_name(2)), str(tmp_path / "w.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "differs from the manifest (corrupted); nothing exported" in err, err
+    assert not (tmp_path / "w.pt").exists()
+    assert ckpt_main(["export", str(copy / step_dir_name(1)), str(tmp_path / "w.pt")]) == 0  # the control

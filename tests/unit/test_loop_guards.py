@@ -286,3 +286,30 @@ def test_a_folder_whose_every_checkpoint_is_damaged_is_refused_not_trained_over(
     for manifest in tmp_path.glob("step_*/manifest.json"):  # the control: saves that never committed
         manifest.unlink()
     assert run(3).resumed_from is None
+
+
+def test_init_from_takes_a_run_folder_and_names_a_missing_or_damaged_source_in_one_error(tmp_path):
+    """init_from accepts what the ckpt tools accept (a file, a checkpoint folder, a run's folder: its
+    newest whole checkpoint) and refuses a missing path or a truncated checkpoint by name, before
+    any tensor is read (was: FileNotFoundError, IsADirectoryError or a zip reader's traceback)."""
+    from harness import CheckpointError
+
+    def run(ckpt_dir: Path, max_steps: int, **checkpoint) -> torch.nn.Module:
+        with Session(_config(ckpt_dir, max_steps, **checkpoint), env=SINGLE) as session:
+            model = session.prepare(torch.nn.Linear(2, 1))
+            for (batch,) in session.batches(session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)):
+                model(batch).sum().backward()
+                with torch.no_grad():
+                    model.weight.add_(0.1)
+        return model
+
+    source = tmp_path / "source"
+    trained = run(source, 3)
+    started = run(tmp_path / "from-run-folder", 1, init_from=str(source))
+    assert torch.equal(started.weight, trained.weight + 0.1)  # the source's step 3, then one step
+    with pytest.raises(CheckpointError, match=r"checkpoint.init_from=.*/nowhere: no such file or folder"):
+        run(tmp_path / "missing", 1, init_from=str(tmp_path / "nowhere"))
+    step = source / "step_000000003"
+    os.truncate(step / "state.safetensors", 100)
+    with pytest.raises(CheckpointError, match=r"step_000000003/state.safetensors: 100 bytes, manifest says"):
+        run(tmp_path / "damaged", 1, init_from=str(step))
