@@ -506,15 +506,12 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: Option
     storage = LocalStorage(os.path.dirname(os.path.abspath(out)) or ".")
     name = os.path.basename(out)
     located = locate(path)
-    if located.store is not None:  # what is exported gets used: every byte against its checksum first
-        damaged = located.store.problems(located.ref, verify=True)
-        if damaged:
-            raise ToolError(f"{located.store.root}: {'; '.join(damaged)}; nothing exported. HINT: export an "
-                            "older checkpoint (its step_* folder), after python -m harness.ckpt verify")
     prefix = _sharded_prefix(located, state)
+    # A name the checkpoint lacks is refused first (from the shards' metadata, or the payload).
+    weights = exportable_weights(located, dtype, unsafe, state) if prefix is None else None
+    _check_every_byte(located)
     if prefix is not None:
         return _export_sharded(located, prefix, out, dtype, fmt, storage)
-    weights = exportable_weights(located, dtype, unsafe, state)
     data = encode(weights) if encode is not None else None
 
     def fill(handle) -> None:
@@ -532,6 +529,17 @@ def export_weights(path: str, out: str, dtype: Optional[str] = None, fmt: Option
         raise ToolError(f"cannot write {out}: {error}. HINT: check that {storage.root} exists, is "
                         "writable and has free space") from None
     return sha256
+
+
+def _check_every_byte(located: Located) -> None:
+    """What is exported gets used: a checkpoint's files are read against their checksums first (a
+    flipped byte keeps the file's size); a plain weights file has none to check against."""
+    if located.store is None:
+        return
+    damaged = located.store.problems(located.ref, verify=True)
+    if damaged:
+        raise ToolError(f"{located.store.root}: {'; '.join(damaged)}; nothing exported. HINT: export an "
+                        "older checkpoint (its step_* folder), after python -m harness.ckpt verify")
 
 
 def _sharded_prefix(located: Located, state: str) -> Optional[str]:

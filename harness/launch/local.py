@@ -23,7 +23,7 @@ from harness.config import PREEMPTED_EXIT_CODE, HarnessConfig, LocalLauncherConf
 from harness.progress import say as report_line
 from harness.env import CONFIG_ENV, free_port
 from harness.launch.worker import EXIT_INTERRUPTED
-from harness.stop.flag import LAUNCHER_SIGNALS
+from harness.stop.flag import LAUNCHER_SIGNALS, is_new_press
 
 # The launcher catches LAUNCHER_SIGNALS. The ranks get only their configured stop signals
 # (preempt.signals): one they do not handle would kill them mid-training without a save. SIGHUP
@@ -65,6 +65,7 @@ class WorkerGroup:
     stop_signals: frozenset[int]  # what the ranks handle (preempt.signals)
     signals_received: list[int] = field(default_factory=list)
     interrupted_at: Optional[float] = None  # time.monotonic() of the second Ctrl-C
+    last_interrupt: Optional[float] = None  # time.monotonic() of the last Ctrl-C counted
 
     def translate(self, signum: int) -> Optional[int]:
         """The signal to send the ranks for one the launcher caught, or None to send nothing."""
@@ -75,6 +76,10 @@ class WorkerGroup:
         return None
 
     def forward(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            if not is_new_press(self.last_interrupt):
+                return  # the same Ctrl-C delivered twice: the ranks have it already
+            self.last_interrupt = time.monotonic()
         self.signals_received.append(signum)
         if self.signals_received.count(signal.SIGINT) == 2:
             self.interrupted_at = time.monotonic()

@@ -22,6 +22,10 @@ REASON_SIGNAL_BASE = 100
 # Signals the local launcher catches (and blocks while it spawns ranks, a mask the ranks inherit):
 # the stop signals, plus SIGHUP, which it passes on as SIGTERM.
 LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# A SIGINT this soon after the previous one is the same Ctrl-C delivered twice (to the terminal's
+# process group and again by a wrapper that forwards it: `timeout`, torchrun, a shell script), not
+# a second press: a person pressing twice on purpose is slower, and may press a third time.
+SAME_PRESS_S = 0.5
 # Signals that DataLoader workers ignore so that they outlive the main process's save.
 WORKER_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -32,12 +36,18 @@ def describe_reason(code: int) -> str:
     return {REASON_REQUEST: "request_stop()", REASON_SPOT: "spot termination notice"}.get(code, "none")
 
 
+def is_new_press(last_interrupt: Optional[float]) -> bool:
+    """Whether a SIGINT now is a new Ctrl-C, given when the previous one arrived (None: none yet)."""
+    return last_interrupt is None or time.monotonic() - last_interrupt >= SAME_PRESS_S
+
+
 class StopFlag:
     """A process-local stop request, set from signal handlers, pollers or code."""
 
     def __init__(self) -> None:
         self.reason = REASON_NONE
         self.interrupts = 0  # Ctrl-C presses seen
+        self._last_interrupt: Optional[float] = None  # time.monotonic() of the last one
         self.requested_at: Optional[float] = None  # time.monotonic() of the first request
         self._previous: dict[int, object] = {}
 
@@ -52,6 +62,9 @@ class StopFlag:
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT:
+            if not is_new_press(self._last_interrupt):
+                return  # the same Ctrl-C, delivered twice
+            self._last_interrupt = time.monotonic()
             self.interrupts += 1
             if self.interrupts > 1:
                 raise KeyboardInterrupt  # second Ctrl-C: stop at once, no save

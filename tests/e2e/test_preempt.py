@@ -18,7 +18,7 @@ from conftest import (assert_same_training, kill_tree, metrics, run_launch, sign
 from harness.config import PREEMPTED_EXIT_CODE, validate
 from harness.stop.agreement import Preempted, auto_interval, grace_warning
 from harness.stop.spot import notice_present
-from harness.stop.flag import StopFlag
+from harness.stop.flag import SAME_PRESS_S, StopFlag
 from harness.session import Session
 
 LONG = ("trainer.max_steps=160",)
@@ -273,12 +273,16 @@ def test_check_stop_in_an_evaluation_loop_saves_the_last_training_step(tmp_path)
     assert session.resumed_from.step == 5
 
 
-def test_second_ctrl_c_stops_at_once():
+def test_second_ctrl_c_stops_at_once_and_one_delivered_twice_is_one():
+    """A second press stops at once (no save); the same press delivered twice within SAME_PRESS_S
+    (to the terminal's group and again by `timeout` or torchrun forwarding it) is one request."""
     flag = StopFlag()
     flag.install(["SIGINT"])
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        assert flag.requested
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded
+        assert flag.requested and flag.interrupts == 1
+        time.sleep(SAME_PRESS_S + 0.1)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
