@@ -45,7 +45,7 @@ def on_rank0(work: Callable[[], Any], failure: str, is_main: bool,
     if distributed():
         dist.broadcast_object_list(shared, src=0)
     if shared[1] is not None:
-        raise _failed_on(error_type(f"{failure} (rank 0): {shared[1]}"), [0]) from error
+        raise failed_on(error_type(f"{failure} (rank 0): {shared[1]}"), [0]) from error
     return shared[0]
 
 
@@ -53,13 +53,21 @@ def raise_if_any_failed(error: Optional[BaseException], failure: str, device: to
     """Every rank passes its own error (or None); if any rank failed, every rank raises.
 
     The failing rank re-raises its own error; the others raise CheckpointError naming which ranks
-    failed, so every log says where to look.
+    failed, so every log says where to look. Ranks that failed with the same message leave it to the
+    lowest of them to report (``failed_ranks`` names it), so a job prints one line, not one per rank.
     """
     ranks = which_failed(error, device)
+    if len(ranks) > 1:  # a collective, on every rank: each failing rank learns who said it first
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            first = min(rank for rank in ranks if messages[rank] == messages[dist.get_rank()])
+            if first != dist.get_rank():  # the same failure, reported once, by the lowest rank that had it
+                failed_on(error, [first])
     if error is not None:
         raise error
     if ranks:
-        raise _failed_on(CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs"), ranks)
+        raise failed_on(CheckpointError(f"{failure}: rank(s) {ranks} failed; see their logs"), ranks)
 
 
 def which_failed(error: Optional[BaseException], device: torch.device) -> list[int]:
@@ -72,7 +80,8 @@ def which_failed(error: Optional[BaseException], device: torch.device) -> list[i
     return [rank for rank, flag in enumerate(failed.tolist()) if flag]
 
 
-def _failed_on(error: Exception, ranks: list[int]) -> Exception:
+def failed_on(error: Exception, ranks: list[int]) -> Exception:
+    """``error`` marked as reported by ``ranks``: the other ranks raise it without a word."""
     setattr(error, FAILED_RANKS, tuple(ranks))
     return error
 

@@ -237,7 +237,8 @@ class Session:
                                "session.start()). HINT: register every object before the training loop")
         if name in self.registry.names or name in self.checkpoints.per_rank.names or name in self.strategy.adopted_names:
             raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
-                             + (" (session.prepare registers the model it prepares as 'model')"
+                             + (" (session.prepare registers the model it prepares as 'model'; HINT: prepare another one "
+                                "with its own name, e.g. session.prepare(net_d, name='net_d'))"
                                 if name == MODEL else ""))
 
     def _register(self, name: str, obj: Any) -> None:

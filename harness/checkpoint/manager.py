@@ -38,7 +38,7 @@ from harness.checkpoint.storage import open_storage
 from harness.checkpoint.storage.staged import StagedStorage, publish
 from harness.checkpoint.store import CheckpointStore, Retention, local_checkpoint
 from harness.checkpoint.writer import CheckpointWriter
-from harness.collectives import distributed, on_rank0, raise_if_any_failed, which_failed
+from harness.collectives import distributed, failed_on, on_rank0, raise_if_any_failed, which_failed
 from harness.config import CheckpointConfig, HarnessConfig
 from harness.env import DistEnv
 from harness.stop.agreement import grace_warning
@@ -122,6 +122,10 @@ def _change(key: str, before: Any, now: Any) -> str:
     if not (isinstance(before, list) and isinstance(now, list)):
         return f"{key} {_short(before)} -> {_short(now)}"
     def part(b1: int, b2: int, n1: int, n2: int) -> str:
+        if b1 == b2:
+            return f"{key} added {_short(now[n1:n2])}"
+        if n1 == n2:
+            return f"{key} removed {_short(before[b1:b2])}"
         flag = b1 > 0 and str(before[b1 - 1]).startswith("-") and not any(
             str(item).startswith("-") for item in before[b1:b2] + now[n1:n2])
         return f"{key} {_short(before[b1 - flag:b2])} -> {_short(now[n1 - flag:n2])}"
@@ -271,11 +275,11 @@ class CheckpointManager:
             # Starting fresh would train from step 0 as if nothing had been saved, and write new
             # checkpoints over the damaged ones: a person must decide (every rank raises this).
             names = ", ".join(ref.name for ref in candidates)
-            raise CheckpointError(
+            raise failed_on(CheckpointError(
                 f"every complete checkpoint in {self.store.root} failed verification ({names}; the warnings "
                 "above say why), so this run will not start fresh over them. HINT: restore the folder from "
                 "a copy, move the damaged step_* folders aside, or add checkpoint.resume=false "
-                "checkpoint.set_aside=true to set them aside and start over")
+                "checkpoint.set_aside=true to set them aside and start over"), [0])  # rank 0 says it
         return None
 
     def _problems_everywhere(self, ref: CheckpointRef) -> list[str]:
@@ -595,8 +599,9 @@ class CheckpointManager:
         else:
             randomness = ("randomness drawn on the ranks (dropout, stochastic depth, noise) comes from "
                           "new per-rank streams, so a model with such layers continues as a statistically "
-                          "equivalent run, not the same one; without them weights follow an "
-                          "uninterrupted run to floating-point reduction order")
+                          "equivalent run, not the same one; without them, and without BatchNorm (whose "
+                          "statistics depend on each rank's batch), weights follow an uninterrupted run "
+                          "to floating-point reduction order")
         self.say(f"WARNING: checkpoint was written by {saved_world} ranks, this run has "
                  f"{self.env.world_size}: weights, optimizer and step carry over exactly; {data} "
                  f"(batch {self.progress.batch_in_epoch} of epoch {self.progress.epoch}); {randomness}")
@@ -631,7 +636,7 @@ class CheckpointManager:
             self.say(f"note: the run resumes with settings that differ from its checkpoint's: {shown}. It "
                      "continues with them where the script reads them (state restored from the checkpoint, "
                      "such as an optimizer's or a scheduler's learning rate, keeps its saved values), so it "
-                     "is not the run it would have been uninterrupted")
+                     "may not be the run it would have been uninterrupted")
 
     def init_from(self, path: str) -> None:
         """Load pretrained weights into the model on every rank (a fresh run's ``init_from``).

@@ -119,7 +119,8 @@ class StateRegistry:
     def register(self, name: str, obj: Any) -> None:
         if name in self._objects:
             raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
-                             + (" (session.prepare registers the model it prepares as 'model')"
+                             + (" (session.prepare registers the model it prepares as 'model'; HINT: prepare another one "
+                                "with its own name, e.g. session.prepare(net_d, name='net_d'))"
                                 if name == MODEL else ""))
         if obj is None:
             return
@@ -160,12 +161,23 @@ class StateRegistry:
             try:
                 obj.load_state_dict(state)
             except (RuntimeError, KeyError, ValueError, TypeError) as error:  # what load_state_dict()s raise on a mismatch
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise CheckpointError(f"the checkpoint's {name!r} does not fit this run's "
-                                      f"{type(obj).__name__}: {first}. {ANOTHER_RUN_HINT}") from error
+                                      f"{type(obj).__name__}: {_first_problem(error)}. {ANOTHER_RUN_HINT}") from error
         extra = sorted(set(states) - set(self._objects) - set(adopted))
         if extra:
             log.warning("checkpoint holds state for %s, which nothing registered; ignored", extra)
+
+
+def _first_problem(error: BaseException) -> str:
+    """A load_state_dict error in one line: torch's header ("Error(s) in loading state_dict for X:")
+    says nothing by itself, so its first problem (a missing key, a shape) comes with it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) == 1 or not lines[0].endswith(":"):
+        return lines[0]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1].rstrip('.')}{more}"
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -324,6 +336,10 @@ def extract_model_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return strip_wrapper_prefixes(unwrap_model(obj).state_dict())
     if isinstance(obj, dict) and obj.get("format") == PAYLOAD_FORMAT:
+        if MODEL not in obj[KEY_STATE]:
+            raise ValueError(f"{source} holds no object named {MODEL!r} (a run whose models were prepared "
+                             f"under other names); it holds {sorted(obj[KEY_STATE])}. HINT: name one, e.g. "
+                             f"--state {sorted(obj[KEY_STATE])[0]} for the ckpt tools")
         obj = obj[KEY_STATE][MODEL]
     elif isinstance(obj, dict) and not _is_tensor_map(obj):
         for key in ("model", "state_dict", "model_state_dict", "module"):

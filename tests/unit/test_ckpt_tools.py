@@ -443,3 +443,18 @@ def test_export_reads_every_byte_against_its_checksum_first(trained, tmp_path, c
     assert "differs from the manifest (corrupted); nothing exported" in err, err
     assert not (tmp_path / "w.pt").exists()
     assert ckpt_main(["export", str(copy / step_dir_name(1)), str(tmp_path / "w.pt")]) == 0  # the control
+
+
+def test_export_of_a_run_whose_models_have_other_names_says_which_to_choose(tmp_path, capsys):
+    """A GAN prepares netG and netD, no 'model': export without --state names them in one line (was a
+    KeyError traceback), and --state netG exports it."""
+    net_g, net_d = _model(), _model()
+    states = {"netG": net_g.state_dict(), "netD": net_d.state_dict()}
+    payload = build_payload(states, Progress(step=1), [capture_rng()], {"name": "test"})
+    file = encode(payload)
+    CheckpointStore(LocalStorage(str(tmp_path / "run"))).commit(1, file.write_to, {}, payload_name=file.name)
+    assert ckpt_main(["export", str(tmp_path / "run"), str(tmp_path / "w.pt")]) == 1
+    line = _one_line_error(capsys)
+    assert "holds no object named 'model'" in line and "['netD', 'netG']" in line and "--state netD" in line, line
+    assert ckpt_main(["export", str(tmp_path / "run"), str(tmp_path / "g.pt"), "--state", "netG"]) == 0
+    assert all(torch.equal(value, net_g.state_dict()[key]) for key, value in torch.load(tmp_path / "g.pt").items())

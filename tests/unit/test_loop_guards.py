@@ -193,6 +193,15 @@ def test_a_scripts_run_compares_no_task_settings():
     assert "task.scheduler.T_max" in _training_settings(config | {"script": None})
 
 
+def test_changed_script_arguments_are_named_as_added_removed_or_changed():
+    from harness.checkpoint.manager import _change
+
+    assert _change("script_args", ["--out=x"], ["--out=x", "--lr=1e-3"]) == "script_args added ['--lr=1e-3']"
+    assert _change("script_args", ["--out=x", "--fast"], ["--out=x"]) == "script_args removed ['--fast']"
+    assert _change("script_args", ["--lr", "3", "--out=x"], ["--lr", "5", "--out=x"]) == \
+        "script_args ['--lr', '3'] -> ['--lr', '5']"
+
+
 def test_a_resume_over_a_dataset_of_another_size_warns_that_the_epoch_order_changed(tmp_path, capsys):
     """Samples added to (or removed from) the dataset between launches: the saved position counts
     batches of the old order, so the resumed epoch repeats some samples and skips others. Said once;
