@@ -76,6 +76,7 @@ class Session:
         self.metrics: dict[str, Any] = {}  # values logged during the current step
         self._ended_metrics: dict[str, Any] = {}  # the values of the last completed step (its save's metric)
         self._started = False
+        self._finished = False  # batches() ran to max_steps
         self._in_step = False  # inside the body of batches(): the state is mid-step
         self._stop_reason = 0  # a stop agreed mid-step, carried out when the step ends
         self._signal_at: Optional[float] = None  # time.monotonic() of the first rank's stop request
@@ -333,6 +334,12 @@ class Session:
         """
         if accumulate < 1:
             raise ValueError(f"accumulate={accumulate}: expected micro-batches per step >= 1")
+        if self._finished:  # e.g. `for epoch in range(n): for batch in session.batches(loader)`
+            raise RuntimeError(
+                f"session.batches() was called again after it ran to trainer.max_steps="
+                f"{self.cfg.trainer.max_steps}: it runs every epoch itself, so an epoch loop around it ran "
+                "its body once, after the training. HINT: drop the epoch loop; do per-epoch work inside "
+                "the loop at the epoch's last step (session.batch_in_epoch + 1 == session.steps_per_epoch)")
         self._accumulate = accumulate  # session.steps_per_epoch counts steps of this many batches
         loader = self._adopt(loader)  # a plain DataLoader of the script's own is made resumable
         if data_mod.is_stream(loader):
@@ -581,6 +588,7 @@ class Session:
     def finish(self) -> None:
         """The run reached max_steps: make sure the final checkpoint is durable."""
         self.checkpoints.flush()
+        self._finished = True
         self.say(f"finished {self.progress.step} steps; checkpoints in {self.store.root}")
 
     def say(self, text: str) -> None:

@@ -322,3 +322,17 @@ def test_init_from_takes_a_run_folder_and_names_a_missing_or_damaged_source_in_o
     os.truncate(step / "state.safetensors", 100)
     with pytest.raises(CheckpointError, match=r"step_000000003/state.safetensors: 100 bytes, manifest says"):
         run(tmp_path / "damaged", 1, init_from=str(step))
+
+
+def test_an_epoch_loop_around_batches_is_an_error_after_the_first_pass(tmp_path):
+    """batches() runs every epoch up to max_steps; a ported `for epoch in range(n):` around it ran
+    once and then, silently, ran its per-epoch body n-1 more times after training (a scheduler
+    stepped 5 times too many in a GAN port). The second call says so."""
+    with Session(_config(tmp_path, 8), env=SINGLE) as session:
+        model = session.prepare(torch.nn.Linear(2, 1))
+        loader = session.loader(TensorDataset(torch.randn(16, 2)), batch_size=4)  # 4 steps per epoch
+        steps = [session.step for _ in session.batches(loader)]
+        assert steps == list(range(8)) and session.epoch == 1
+        with pytest.raises(RuntimeError, match=r"called again after it ran to trainer.max_steps=8.*HINT: drop the "
+                                               r"epoch loop"):
+            next(iter(session.batches(loader)))
