@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import itertools
+import logging
 import os
 import sys
 import time
@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from harness import data as data_mod
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
-from harness.checkpoint.payload import MODEL, STREAM, DataShape, Progress, StateRegistry, restore_rng, seed_everything
+from harness.checkpoint.payload import (MODEL, STREAM, DataShape, Progress, StateRegistry, duplicate_name, restore_rng,
+                                        seed_everything)
 from harness.checkpoint.folder import check_run_folders
 from harness.collectives import LOST_PEER, Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
@@ -236,11 +237,9 @@ class Session:
             raise RuntimeError(f"session.register({name}=...) after the run started: a resume restores "
                                "what is registered when it runs (at the first session.batches() or "
                                "session.start()). HINT: register every object before the training loop")
-        if name in self.registry.names or name in self.checkpoints.per_rank.names or name in self.strategy.adopted_names:
-            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
-                             + (" (session.prepare registers the model it prepares as 'model'; HINT: prepare another one "
-                                "with its own name, e.g. session.prepare(net_d, name='net_d'))"
-                                if name == MODEL else ""))
+        taken = (*self.registry.names, *self.checkpoints.per_rank.names, *self.strategy.adopted_names)
+        if name in taken:
+            raise duplicate_name(name)
 
     def _register(self, name: str, obj: Any) -> None:
         self._check_registrable(name)

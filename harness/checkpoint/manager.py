@@ -742,8 +742,9 @@ class CheckpointManager:
                 continue
             others = [rank for rank, per_rank in enumerate(digests) if per_rank.get(name) != rank0]
             if others:
+                more = f" and {len(others) - 1} more" if others[1:] else ""
                 self.say(f"WARNING: the registered {name!r} differs between ranks at step {self.progress.step} "
-                         f"(rank {others[0]} differs from rank 0{f' and {len(others) - 1} more' if others[1:] else ''}): "
+                         f"(rank {others[0]} differs from rank 0{more}): "
                          "only rank 0's is saved, so after a resume every rank holds rank 0's and the run "
                          "is not the one it would have been. HINT: keep it the same on every rank, or "
                          f"register it with session.register_per_rank({name}=...) to keep each rank's own")

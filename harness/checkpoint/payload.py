@@ -110,6 +110,13 @@ class Values:
         return f"Values({', '.join(f'{name}={value!r}' for name, value in self.__dict__.items())})"
 
 
+def duplicate_name(name: str) -> ValueError:
+    """The error for a second object registered under ``name``."""
+    return ValueError(f"a stateful named {name!r} is already registered; names must be unique"
+                      + (" (session.prepare registers the model it prepares as 'model'; HINT: prepare another "
+                         "one with its own name, e.g. session.prepare(net_d, name='net_d'))" if name == MODEL else ""))
+
+
 class StateRegistry:
     """Named objects whose state is saved and restored. Models are saved unwrapped (no prefixes)."""
 
@@ -118,10 +125,7 @@ class StateRegistry:
 
     def register(self, name: str, obj: Any) -> None:
         if name in self._objects:
-            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique"
-                             + (" (session.prepare registers the model it prepares as 'model'; HINT: prepare another one "
-                                "with its own name, e.g. session.prepare(net_d, name='net_d'))"
-                                if name == MODEL else ""))
+            raise duplicate_name(name)
         if obj is None:
             return
         if isinstance(obj, torch.nn.Module):

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from harness.checkpoint.layout import checking_rank
+from harness.checkpoint.payload import duplicate_name
 from harness.config import ConfigError
 from harness.env import DistEnv
 from harness.strategy import dcp_state
@@ -81,7 +82,7 @@ class FSDPStrategy:
 
     def adopt(self, name: str, obj: Any) -> None:
         if name in self.optimizers or name in self.others or name == self.model_name:
-            raise ValueError(f"a stateful named {name!r} is already registered; names must be unique")
+            raise duplicate_name(name)
         if isinstance(obj, torch.optim.Optimizer):
             self.optimizers[name] = obj
         elif not isinstance(obj, FSDPModule):
