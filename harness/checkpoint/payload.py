@@ -209,14 +209,15 @@ def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def digest(obj: Any, values: bool = False) -> str:
     """XXH3-128 over (key, dtype, shape, bytes) of every tensor in sorted key order; with ``values``
-    also over the other leaves (numbers, strings: their repr, exact for floats)."""
+    also over the plain leaves (numbers, strings, None: their repr, exact for floats; not other
+    objects, whose repr may hold a memory address)."""
     hasher = xxhash.xxh3_128()
     for key, value in sorted(iter_leaves(obj), key=lambda item: item[0]):
         if isinstance(value, torch.Tensor):
             tensor = value.detach().cpu().contiguous()
             hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        elif values:
+        elif values and isinstance(value, (int, float, str, bytes, type(None))):
             hasher.update(f"{key}|{value!r}|".encode())
     return hasher.hexdigest()
 
