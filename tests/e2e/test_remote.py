@@ -383,12 +383,17 @@ def test_ctrl_c_during_a_copy_from_s3_exits_130_and_removes_the_copy(moto_server
     """Ctrl-C while ``export`` copies a checkpoint from S3: one line, exit 130, no temporary copy and
     no OUT left behind."""
     store = _store(s3_url)
-    big = {"fc.weight": torch.randn(16, 1 << 20)}  # 64 MB: the copy takes a moment
+    # 256 MB: the copy lasts a second or more, so the signal lands in it even when this process is
+    # scheduled late on a loaded machine (with 64 MB a CI run once finished the export first).
+    big = {"fc.weight": torch.zeros(64, 1 << 20)}
     store.commit(10, lambda handle: torch.save(big, handle), {"metric": None}, payload_name="state.pt")
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
+    # SIGINT as a terminal gives it: a shell's background job (a CI script's `... &`) starts with it
+    # ignored, which every child inherits, and Python then leaves it ignored.
     tool = subprocess.Popen([sys.executable, "-m", "harness.ckpt", "export", s3_url, str(tmp_path / "model.pt")],
-                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmpdir)}, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmpdir)}, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = tool.stderr.readline()
     assert first.startswith(f"harness.ckpt: copying {s3_url}/step_000000010"), first
     tool.send_signal(signal.SIGINT)
