@@ -745,9 +745,11 @@ class CheckpointManager:
                 more = f" and {len(others) - 1} more" if others[1:] else ""
                 self.say(f"WARNING: the registered {name!r} differs between ranks at step {self.progress.step} "
                          f"(rank {others[0]} differs from rank 0{more}): "
-                         "only rank 0's is saved, so after a resume every rank holds rank 0's and the run "
-                         "is not the one it would have been. HINT: keep it the same on every rank, or "
-                         f"register it with session.register_per_rank({name}=...) to keep each rank's own")
+                         "only rank 0's is saved, and after a resume every rank holds rank 0's. Harmless if "
+                         "what differs is overwritten before it is read (timm's scheduler keeps each rank's "
+                         "last loss); otherwise the resumed run is not the one it would have been (an EMA "
+                         "of each rank's BatchNorm statistics, a rank's meters). HINT: keep it the same on "
+                         f"every rank, or register it with session.register_per_rank({name}=...)")
 
     def _save_shards(self) -> dict[str, dict]:
         """Every rank writes its shards of step ``progress.step`` and hashes the files it wrote; rank
