@@ -152,6 +152,21 @@ def test_a_script_without_the_launcher_checks_the_folder_on_rank_0_and_every_ran
 
 # ---- known conditions while running: one line, no tracebacks --------------------------------------------
 
+def test_every_checkpoint_damaged_is_one_line_for_the_job_and_nothing_is_written(tmp_path):
+    """Both ranks refuse to start fresh over damaged checkpoints; the job prints the reason once
+    (rank 0), not once per rank, and no checkpoint file changes."""
+    ckpt_dir = tmp_path / "ckpt"
+    assert run_launch(ckpt_dir, "trainer.max_steps=10", "checkpoint.every_steps=5").returncode == 0
+    for payload in ckpt_dir.glob("step_*/state.*"):
+        os.truncate(payload, 100)
+    before = {path: path.read_bytes() for path in ckpt_dir.glob("step_*/*")}
+    result = run_launch(ckpt_dir, "trainer.max_steps=20", "checkpoint.every_steps=5")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    _assert_one_clear_line(output, "every complete checkpoint in", "failed verification", "HINT:")
+    assert {path: path.read_bytes() for path in ckpt_dir.glob("step_*/*")} == before
+
+
 def test_a_second_job_on_the_same_folder_is_refused_in_one_line(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     first = start_launch(ckpt_dir, "trainer.max_steps=100000", log_path=tmp_path / "first.log")
