@@ -108,7 +108,7 @@ def locate_remote(url: str) -> Located:
     folder with its manifest, so every command reads it like a local one."""
     store, name = open_remote(url)
     if name is None:
-        ref = remote_refs(store, lambda: _newest_whole(store))
+        ref = remote_refs(store, lambda: newest_whole(store, say=_say))
         if ref is None:
             raise ToolError(f"{url}: no complete checkpoint (step_*/{MANIFEST_NAME}) in this folder")
     else:
@@ -160,12 +160,6 @@ def locate(path: str) -> Located:
 
 def _say(text: str) -> None:
     print(f"harness.ckpt: {text}", file=sys.stderr)
-
-
-def _newest_whole(store: CheckpointStore) -> Optional[CheckpointRef]:
-    """A run folder's newest checkpoint whose files are all there at their recorded sizes; each
-    newer one skipped is named on stderr with what is wrong (``verify`` reads every byte)."""
-    return newest_whole(store, say=_say)
 
 
 def load_any(path: str, unsafe: bool) -> Any:

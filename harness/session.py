@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from harness import data as data_mod
+from harness.checkpoint.flat import is_dtensor
 from harness.checkpoint.layout import CheckpointRef, step_dir_name
 from harness.checkpoint.manager import CheckpointManager
-from harness.checkpoint.payload import (MODEL, STREAM, DataShape, Progress, StateRegistry, duplicate_name, restore_rng,
-                                        seed_everything)
+from harness.checkpoint.payload import (MODEL, STREAM, DataShape, Progress, StateRegistry, duplicate_name,
+                                        restore_rng, seed_everything)
 from harness.checkpoint.folder import check_run_folders
 from harness.collectives import LOST_PEER, Peer, describe_lost_peer, gather_peers, on_rank0
 from harness.config import HarnessConfig, PREEMPTED_EXIT_CODE, validate
@@ -201,7 +202,7 @@ class Session:
                              f"once materialised on {device}. HINT: pass init=, a function that sets every "
                              "parameter and buffer, e.g. init=lambda model: model.reset_parameters()")
         if self.strategy.sharded:
-            sharded_already = any(hasattr(param, "placements") for param in model.parameters())
+            sharded_already = any(is_dtensor(param) for param in model.parameters())
             wrapped = self.strategy.wrap(model if on_meta or sharded_already else model.to(device))
             if on_meta:
                 wrapped.to_empty(device=device)

@@ -50,6 +50,12 @@ class NotFlat(TypeError):
     """The payload holds something the flat format does not store (the caller uses torch.save)."""
 
 
+def is_dtensor(tensor: object) -> bool:
+    """A DTensor (torch.distributed.tensor): each rank holds only its shard. Duck-typed, so the
+    check does not import torch.distributed."""
+    return hasattr(tensor, "placements")
+
+
 class ShardedTensor(NotFlat):
     """The payload holds a DTensor: each rank has only its shard, so no one file of rank 0 stores it."""
 
@@ -125,7 +131,7 @@ def _encode(obj: Any, path: str, found: dict[str, torch.Tensor]) -> Any:
 
 
 def _add_tensor(tensor: torch.Tensor, path: str, found: dict[str, torch.Tensor]) -> str:
-    if hasattr(tensor, "placements"):  # a DTensor (torch.distributed.tensor), without importing it
+    if is_dtensor(tensor):
         raise ShardedTensor(f"{path} is a DTensor ({tensor.placements}) of global shape {tuple(tensor.shape)}")
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided \
             or tensor.dtype not in _DTYPES or tensor.is_quantized or tensor.device.type == "meta":

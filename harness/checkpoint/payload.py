@@ -185,14 +185,7 @@ def _first_problem(error: BaseException) -> str:
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
+    return (value for _, value in iter_leaves(obj) if isinstance(value, torch.Tensor))
 
 
 def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -229,8 +222,8 @@ def on_cpu(state: Any) -> Any:
         return state.detach().cpu()
     if isinstance(state, dict):
         return {key: on_cpu(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(on_cpu(value) for value in state) if type(state) in (list, tuple) else state
+    if type(state) in (list, tuple):  # not a namedtuple, whose constructor takes fields one by one
+        return type(state)(on_cpu(value) for value in state)
     return state
 
 

@@ -419,9 +419,9 @@ def newest_whole(store: CheckpointStore, say: Callable[[str], None]) -> Optional
 
 def local_checkpoint(path: str, say: Callable[[str], None]) -> tuple[CheckpointStore, CheckpointRef]:
     """The checkpoint a local folder names: itself (a ``step_*`` folder or one with a manifest),
-    or, for a run's folder, its newest whole one (``say``: see ``newest_whole``). Raises CheckpointError, naming what is wrong, for
-    an incomplete checkpoint, one whose files are missing or of the wrong size, or a run folder
-    without a whole one."""
+    or, for a run's folder, its newest whole one (``say``: see ``newest_whole``). Raises
+    CheckpointError, naming what is wrong, for an incomplete checkpoint, one whose files are missing
+    or of the wrong size, or a run folder without a whole one."""
     path = path.rstrip("/") or path
     if is_checkpoint_folder(path):
         store = CheckpointStore(LocalStorage(os.path.dirname(os.path.abspath(path))))

@@ -11,6 +11,7 @@ from typing import Any, ContextManager
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from harness.checkpoint.flat import is_dtensor
 from harness.env import DistEnv
 
 
@@ -28,7 +29,7 @@ class DDPStrategy:
         """DDP when there are several ranks; the model as it is on one. Raises ValueError for a model
         whose parameters are DTensors (sharded by ``fully_shard``): DDP would replicate its shards,
         and rank 0's checkpoint would hold its own shards only."""
-        if any(hasattr(param, "placements") for param in model.parameters()):
+        if any(is_dtensor(param) for param in model.parameters()):
             raise ValueError("the model's parameters are DTensors (sharded by fully_shard): trainer.strategy=ddp "
                              "keeps whole models, and would save rank 0's shards only. HINT: run with "
                              "trainer.strategy=fsdp")

@@ -303,9 +303,9 @@ def test_one_ctrl_c_delivered_twice_by_a_forwarding_wrapper_still_saves(tmp_path
     the launcher) and timeout forwards it to the launcher again, a few ms later. That is one press:
     the job saves and exits 75 (before: two SIGINTs, a stop without saving, exit 130, 3 in 8 tries)."""
     ckpt_dir = tmp_path / "ckpt"
-    log = open(tmp_path / "job.log", "a")
-    wrapper = subprocess.Popen(["timeout", "300", *launch_cmd(ckpt_dir, "trainer.max_steps=100000")], cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "job.log", "a") as log:
+        wrapper = subprocess.Popen(["timeout", "300", *launch_cmd(ckpt_dir, "trainer.max_steps=100000")], cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: metrics(ckpt_dir), 90, "training")
         os.killpg(wrapper.pid, signal.SIGINT)
